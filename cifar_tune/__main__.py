@@ -1,0 +1,3 @@
+from cifar_tune.cli import main
+
+raise SystemExit(main())

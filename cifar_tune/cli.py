@@ -1,0 +1,195 @@
+"""``cifar-tune`` command line. User mistakes exit 2 with one line each and no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cifar_tune.errors import UserError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+DEFAULT_STORAGE = "experiments"
+
+
+def _fmt_config(config: dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=False, default=str)
+
+
+# -------------------------------------------------------------------------------------- commands
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from cifar_tune.space import Sampler, iter_dists
+    from cifar_tune.spec import load_spec
+
+    spec = load_spec(args.spec, args.set)
+    searched = [p for p, d in iter_dists(spec.space, "space")]
+    grid = Sampler(spec.space, seed=0, enumerate_choices=spec.search.algorithm == "grid").grid_size
+    print(f"{args.spec}: valid spec '{spec.name}'")
+    print(f"  data: {spec.data.dataset}, val_fraction {spec.data.val_fraction}" + (f", subset {spec.data.subset}" if spec.data.subset else ""))
+    print(f"  {len(searched)} distributions searched" + (": " + ", ".join(searched) if searched else ""))
+    print(
+        f"  {spec.search.algorithm} search, grid size {grid}, {spec.search.num_samples * grid} trials, "
+        f"scheduler {spec.search.scheduler.name} up to {spec.search.scheduler.max_epochs} epochs, "
+        f"metric {spec.search.metric} ({spec.search.resolved_mode})"
+    )
+    return EXIT_OK
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from cifar_tune.budget import search_budget
+    from cifar_tune.search import make_sampler, num_trials
+    from cifar_tune.spec import load_spec
+
+    spec = load_spec(args.spec, args.set)
+    sampler = make_sampler(spec)
+    for i in range(args.n):
+        s = sampler.sample(i)
+        note = f", {s.rejected} over budget rejected" if s.rejected else ""
+        print(f"[{i}] params={s.params:,}{note}")
+        print(f"    {_fmt_config(s.config)}")
+    b = search_budget(num_trials(spec), spec.search.scheduler)
+    sched = spec.search.scheduler
+    print(f"\n{sched.name} budget for {b.trials} trials, up to {sched.max_epochs} epochs each:")
+    if sched.name in ("asha", "hyperband"):
+        print(f"  grace period {sched.grace_period}, reduction factor {sched.reduction_factor:g} (keeps the top 1/{sched.reduction_factor:g} per rung)")
+        for r in b.rungs:
+            print(f"  rung at epoch {r.epoch:>4}: ~{r.trials} trials")
+    print(
+        f"  total epochs: ~{b.epochs_with_stopping:,} with early stopping vs {b.epochs_without_stopping:,} without "
+        f"({b.saving:.0%} saved)"
+    )
+    return EXIT_OK
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    from cifar_tune.models import build_model, model_info
+    from cifar_tune.spec import load_yaml
+
+    path = Path(args.model)
+    if not path.is_file():
+        raise UserError(f"{path}: no such model file")
+    cfg = load_yaml(path.read_text(), str(path))
+    if not isinstance(cfg, dict) or "family" not in cfg:
+        raise UserError(f"{path}: a model file is a mapping with 'family' and its hyperparameters")
+    try:
+        model = build_model(cfg, num_classes=args.num_classes, in_channels=args.channels, image_size=args.image_size)
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from None
+    info = model_info(model, in_channels=args.channels, image_size=args.image_size)
+    print(f"{path}: {cfg['family']} for {args.num_classes} classes, {args.channels}x{args.image_size}x{args.image_size} input")
+    print(f"  trainable parameters  {info['params']:>15,}")
+    print(f"  buffers               {info['buffers']:>15,}")
+    print(f"  MACs per image        {info['macs']:>15,}")
+    return EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cifar_tune import data as data_mod
+    from cifar_tune.search import make_sampler
+    from cifar_tune.spec import load_spec
+    from cifar_tune.trial import TrialSetup, run_trial
+
+    spec = load_spec(args.spec, args.set)
+    setup = TrialSetup(data=spec.data, epochs=args.epochs or spec.search.scheduler.max_epochs, seed=spec.search.seed)
+    sample = make_sampler(spec).sample(args.index)
+    print(f"sample {args.index}: params={sample.params:,} config={_fmt_config(sample.config)}")
+    data_mod.prepare(spec.data)
+
+    def report(m: dict[str, Any]) -> None:
+        val = f" val_loss {m['val_loss']:.4f} val_acc {m['val_acc']:.4f}" if "val_acc" in m else ""
+        print(f"epoch {m['epoch']:>3}  train_loss {m['train_loss']:.4f} train_acc {m['train_acc']:.4f}{val}"
+              f"  lr {m['lr']:.2e}  {m['images_per_s']:,.0f} img/s  {m['epoch_time_s']:.1f}s", flush=True)
+
+    result = run_trial(sample.config, setup, trial_id=f"t{args.index:04d}", report=report, device=args.device)
+    print(f"status: {result.status} after {result.epochs_run} epochs ({result.train_time_s:.1f}s training)")
+    return EXIT_OK if result.status == "completed" else EXIT_FAILED
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from cifar_tune.search import run_search
+    from cifar_tune.spec import load_spec
+
+    spec = load_spec(args.spec, args.set)
+    run_search(
+        spec, storage=args.storage, name=args.name, address=args.address, resume=args.resume,
+        dashboard=not args.no_dashboard, num_cpus=args.num_cpus, progress_every_s=args.progress_every,
+    )
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------ parser
+
+
+def _add_spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="search space YAML file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key, e.g. search.num_samples=4 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cifar-tune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check a spec; exit 0 if valid, 2 with every error if not")
+    _add_spec_args(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("preview", help="print sampled configs with parameter counts and the ASHA budget")
+    _add_spec_args(p)
+    p.add_argument("-n", type=int, default=5, help="number of configs to sample (default 5)")
+    p.set_defaults(func=cmd_preview)
+
+    p = sub.add_parser("model-info", help="parameters, buffers and MACs of a model config")
+    p.add_argument("model", help="model YAML: a mapping with 'family' and its hyperparameters")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--image-size", type=int, default=32)
+    p.set_defaults(func=cmd_model_info)
+
+    p = sub.add_parser("train", help="train one sampled config of a spec without Ray (debug a config)")
+    _add_spec_args(p)
+    p.add_argument("--index", type=int, default=0, help="which sample of the space (default 0)")
+    p.add_argument("--epochs", type=int, default=None, help="default: search.scheduler.max_epochs")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("search", help="run the spec's search on Ray Tune")
+    _add_spec_args(p)
+    p.add_argument("--name", help="experiment name (default: the spec's name)")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root: a directory or a pyarrow URI (default: experiments)")
+    p.add_argument("--address", default=None, help="join an existing Ray cluster (e.g. auto or HOST:6379)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search of the same name")
+    p.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray instance (default: all)")
+    p.add_argument("--progress-every", type=float, default=15.0, metavar="SECONDS", help="live table interval")
+    p.set_defaults(func=cmd_search)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        for line in e.lines:
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # data-layer errors that are the user's to fix
+        from cifar_tune.data import DataError
+
+        if isinstance(e, DataError):
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,359 @@
+"""``cifar-tune search``: spec -> trials on Ray Tune -> experiment directory. Ray itself is in tuner.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import yaml
+
+from cifar_tune.errors import UserError
+from cifar_tune.results import FINISHED, Experiment, TrialLog, run_metadata
+from cifar_tune.space import Dist, InfeasibleSpace, Sampler
+from cifar_tune.spec import Spec
+
+Printer = Callable[[str], None]
+
+
+def _param_counter(spec: Spec) -> Callable[[dict[str, Any]], int]:
+    from cifar_tune.data import dataset_info
+    from cifar_tune.models import param_count
+
+    info = dataset_info(spec.data)
+    return lambda cfg: param_count(cfg["model"], num_classes=info.num_classes, in_channels=info.channels, image_size=info.image_size)
+
+
+def make_sampler(spec: Spec) -> Sampler:
+    return Sampler(
+        spec.space,
+        seed=spec.search.seed,
+        enumerate_choices=spec.search.algorithm == "grid",
+        param_counter=_param_counter(spec),
+        max_params=spec.constraints.max_params,
+    )
+
+
+def num_trials(spec: Spec) -> int:
+    """num_samples repeats the grid (as in Ray Tune); Optuna draws num_samples trials."""
+    if spec.search.algorithm == "optuna":
+        return spec.search.num_samples
+    return spec.search.num_samples * Sampler(spec.space, seed=0, enumerate_choices=spec.search.algorithm == "grid").grid_size
+
+
+def trial_id_for(index: int) -> str:
+    return f"t{index:04d}"
+
+
+def trial_label(trial_id: str, config: dict[str, Any]) -> str:
+    """How a trial shows up in Ray's dashboard, TensorBoard and our tables: t0007-vgg-sgd."""
+    fam = config.get("model", {}).get("family", "model")
+    opt = config.get("optimizer", {}).get("name", "opt")
+    return f"{trial_id}-{fam}-{opt}"
+
+
+# ------------------------------------------------------------------------------- trial sources
+
+
+class SampledSource:
+    """Random / grid search: trial ``t{i}`` is sample ``i`` of the seeded sampler, whatever the order."""
+
+    def __init__(self, log: TrialLog, todo: list[tuple[str, dict[str, Any]]]) -> None:
+        self.log = log
+        self.todo = list(todo)
+
+    def next_trial(self) -> tuple[str, dict[str, Any]] | None:
+        return self.todo.pop(0) if self.todo else None
+
+    def trial_finished(self, trial_id: str, result: dict[str, Any] | None, error: bool) -> None:
+        pass
+
+
+class OptunaSource:
+    """TPE through Optuna's ask/tell API; conditional spaces become define-by-run suggestions.
+
+    A model over ``constraints.max_params`` is told to Optuna as pruned and never becomes a trial.
+    """
+
+    def __init__(self, spec: Spec, log: TrialLog, reruns: list[tuple[str, dict[str, Any]]], next_index: int, total: int) -> None:
+        try:
+            import optuna
+        except ImportError:
+            raise UserError("search.algorithm 'optuna' needs the optuna extra: pip install 'cifar-tune[optuna]'") from None
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.optuna = optuna
+        self.spec, self.log = spec, log
+        self.reruns = list(reruns)
+        self.next_index, self.total = next_index, total
+        self.study = optuna.create_study(
+            direction="maximize" if spec.search.resolved_mode == "max" else "minimize",
+            sampler=optuna.samplers.TPESampler(seed=spec.search.seed),
+        )
+        self.counter = _param_counter(spec)
+        self.asked: dict[str, Any] = {}
+
+    def next_trial(self) -> tuple[str, dict[str, Any]] | None:
+        if self.reruns:
+            return self.reruns.pop(0)
+        if self.next_index >= self.total:
+            return None
+        for _ in range(2000):
+            ot = self.study.ask()
+            config = suggest_tree(self.spec.space, ot, "")
+            params = self.counter(config)
+            if self.spec.constraints.max_params is None or params <= self.spec.constraints.max_params:
+                break
+            self.study.tell(ot, state=self.optuna.trial.TrialState.PRUNED)
+        else:
+            raise InfeasibleSpace("constraints.max_params: Optuna found no model within the budget in 2000 draws")
+        tid = trial_id_for(self.next_index)
+        self.log.add_pending(tid, self.next_index, config, params)
+        self.next_index += 1
+        self.asked[tid] = ot
+        return tid, config
+
+    def trial_finished(self, trial_id: str, result: dict[str, Any] | None, error: bool) -> None:
+        ot = self.asked.pop(trial_id, None)
+        if ot is None:
+            return
+        value = (result or {}).get(self.spec.search.metric)
+        if error or value is None or not math.isfinite(value):
+            self.study.tell(ot, state=self.optuna.trial.TrialState.FAIL)
+        else:
+            self.study.tell(ot, value)
+
+
+def suggest_tree(tree: Any, trial: Any, path: str) -> Any:
+    """Define-by-run: each distribution becomes one Optuna suggestion named by its key path."""
+    if isinstance(tree, Dist):
+        k, a, name = tree.kind, tree.args, path or "value"
+        if k in ("choice", "grid"):
+            i = trial.suggest_categorical(name, list(range(len(a))))
+            return suggest_tree(a[i], trial, f"{name}[{i}]")
+        if k in ("uniform", "loguniform"):
+            return trial.suggest_float(name, a[0], a[1], log=k == "loguniform")
+        if k in ("quniform", "qloguniform"):
+            v = trial.suggest_float(name, a[0], a[1], log=k == "qloguniform")
+            return int(round(v / a[2]) * a[2]) if float(a[2]).is_integer() else round(round(v / a[2]) * a[2], 12)
+        if k in ("randint", "lograndint"):  # high exclusive, as everywhere in cifar-tune
+            return trial.suggest_int(name, a[0], a[1] - 1, log=k == "lograndint")
+        if k == "normal":  # TPE needs bounds: +-3 sd covers 99.7% of the mass
+            return trial.suggest_float(name, a[0] - 3 * a[1], a[0] + 3 * a[1])
+        raise AssertionError(k)
+    if isinstance(tree, dict):
+        return {k: suggest_tree(v, trial, f"{path}.{k}" if path else k) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [suggest_tree(v, trial, f"{path}[{i}]") for i, v in enumerate(tree)]
+    return tree
+
+
+# ------------------------------------------------------------------------------------- progress
+
+
+class LiveTable:
+    """The events sink: records to the TrialLog and prints a compact status table now and then."""
+
+    def __init__(self, log: TrialLog, total: int, out: Printer, every_s: float) -> None:
+        self.log, self.total, self.out, self.every_s = log, total, out, every_s
+        self.t0 = time.monotonic()
+        self._last_print = 0.0
+
+    def trial_started(self, trial_id: str, config: dict[str, Any]) -> None:
+        self.log.trial_started(trial_id, config)
+
+    def trial_result(self, trial_id: str, metrics: dict[str, Any]) -> None:
+        self.log.trial_result(trial_id, metrics)
+
+    def trial_finished(self, trial_id: str, last: dict[str, Any]) -> None:
+        self.log.trial_finished(trial_id, last)
+        self._one_line(trial_id)
+
+    def trial_errored(self, trial_id: str, message: str) -> None:
+        self.log.trial_errored(trial_id, message)
+        self._one_line(trial_id)
+
+    def trial_retried(self, trial_id: str) -> None:
+        self.log.trial_retried(trial_id)
+        self.out(f"  {trial_id} failed; retrying")
+
+    def tick(self) -> None:
+        if time.monotonic() - self._last_print >= self.every_s:
+            self.print_table()
+
+    def _one_line(self, trial_id: str) -> None:
+        r = self.log.rows[trial_id]
+        m = self.log.metric
+        score = r.get(f"best_{m}")
+        detail = f"best {m} {score:.4f} at epoch {r.get('best_epoch')}" if score is not None else (r.get("error") or "")
+        self.out(f"  {trial_label(trial_id, json.loads(r['config'])):<28} {r['status']:<9} after {r.get('epochs_run', 0):>3} epochs  {detail}")
+
+    def print_table(self) -> None:
+        self._last_print = time.monotonic()
+        c = self.log.counts()
+        done = sum(c.get(s, 0) for s in FINISHED)
+        best = self.log.best()
+        m = self.log.metric
+        best_txt = f"best {m} {best[f'best_{m}']:.4f} ({best['trial_id']})" if best else "no results yet"
+        parts = ", ".join(f"{c[s]} {s}" for s in FINISHED if c.get(s))
+        elapsed = time.monotonic() - self.t0
+        self.out(f"[{elapsed:6.0f}s] {c.get('running', 0)} running | {done}/{self.total} finished ({parts or 'none'}) | {best_txt}")
+        for r in self.log.rows.values():
+            if r["status"] == "running":
+                val = r.get(f"last_{m}")
+                val_txt = f"{m} {val:.4f}" if val is not None else ""
+                self.out(f"    {trial_label(r['trial_id'], json.loads(r['config'])):<28} epoch {r.get('epochs_run', 0):>3}/{r['max_epochs']}  {val_txt}")
+
+
+def leaderboard_lines(log: TrialLog, k: int = 10) -> list[str]:
+    m = log.metric
+    sign = -1 if log.mode == "max" else 1
+    scored = sorted(
+        (r for r in log.rows.values() if r.get(f"best_{m}") is not None),
+        key=lambda r: (sign * r[f"best_{m}"], r["sample_index"]),
+    )[:k]
+    lines = [f"top {len(scored)} by best {m}:", f"  {'rank':<5}{'trial':<10}{m:>9}{'epoch':>7}{'params':>12}  status     config"]
+    for i, r in enumerate(scored, 1):
+        cfg = json.loads(r["config"])
+        lines.append(
+            f"  {i:<5}{r['trial_id']:<10}{r[f'best_{m}']:>9.4f}{r.get('best_epoch') or 0:>7}{int(r.get('params') or 0):>12,}  "
+            f"{r['status']:<10} {json.dumps(cfg, separators=(',', ':'))[:160]}"
+        )
+    return lines
+
+
+# ---------------------------------------------------------------------------------------- driver
+
+
+def _comparable(d: dict[str, Any]) -> dict[str, Any]:
+    """What must not change between a search and its resume (num_samples may grow: extend a run)."""
+    d = json.loads(json.dumps(d, default=str))
+    for key in ("num_samples", "max_concurrent"):
+        d.get("search", {}).pop(key, None)
+    d.pop("retrain", None)
+    return d
+
+
+def _plan(spec: Spec, exp: Experiment, resume: bool, out: Printer) -> tuple[TrialLog, list[tuple[str, dict[str, Any]]], int]:
+    """The trial log (restored when resuming) and the trials still to run."""
+    sched = spec.search.scheduler
+    kw = {"metric": spec.search.metric, "mode": spec.search.resolved_mode, "max_epochs": sched.max_epochs}
+    if exp.exists() and not resume:
+        raise UserError(f"experiment '{exp.name}' already exists at {exp.uri()}; pass --resume to continue it or --name NEW")
+    if resume and not exp.exists():
+        raise UserError(f"--resume: no experiment '{exp.name}' at {exp.uri()}")
+    total = num_trials(spec)
+    if resume:
+        stored = yaml.safe_load(exp.read_text("spec.yaml"))["spec"]
+        if _comparable(stored) != _comparable(spec.to_dict()):
+            raise UserError(f"--resume: the spec differs from the one '{exp.name}' was started with ({exp.uri('spec.yaml')}); only search.num_samples/max_concurrent may change")
+        trials = exp.read_table("trials.parquet") if exp.has("trials.parquet") else None
+        epochs = exp.read_table("epochs.parquet") if exp.has("epochs.parquet") else None
+        log = TrialLog(exp, trials=trials, epochs=epochs, **kw)
+        # unfinished trials are rerun from scratch: forget their partial epochs
+        log.epochs = [e for e in log.epochs if log.rows[e["trial_id"]]["status"] in FINISHED]
+    else:
+        log = TrialLog(exp, **kw)
+    finished = {tid for tid, r in log.rows.items() if r["status"] in FINISHED}
+    todo: list[tuple[str, dict[str, Any]]] = []
+    for tid, r in sorted(log.rows.items()):
+        if tid not in finished:
+            todo.append((tid, json.loads(r["config"])))
+    if resume:
+        out(f"resuming '{exp.name}': {len(finished)} finished trials kept, {len(todo)} unfinished rerun")
+    next_index = max((r["sample_index"] for r in log.rows.values()), default=-1) + 1
+    if spec.search.algorithm != "optuna":
+        sampler = make_sampler(spec)
+        for i in range(next_index, total):
+            s = sampler.sample(i)
+            log.add_pending(trial_id_for(i), i, s.config, s.params)
+            todo.append((trial_id_for(i), s.config))
+        for tid, cfg in todo:
+            if tid not in log.rows:
+                log.add_pending(tid, int(tid[1:]), cfg, None)
+    return log, todo, next_index
+
+
+def run_search(
+    spec: Spec,
+    *,
+    storage: str,
+    name: str | None = None,
+    address: str | None = None,
+    resume: bool = False,
+    dashboard: bool = True,
+    num_cpus: int | None = None,
+    progress_every_s: float = 15.0,
+    out: Printer = print,
+) -> Experiment:
+    from cifar_tune import data as data_mod
+    from cifar_tune import tuner
+    from cifar_tune.trial import TrialSetup
+
+    exp = Experiment(storage, name or spec.name)
+    log, todo, next_index = _plan(spec, exp, resume, out)
+    total = num_trials(spec)
+    if not resume:
+        exp.write_text("spec.yaml", yaml.safe_dump({"spec": spec.to_dict(), "meta": run_metadata()}, sort_keys=False))
+    log.flush(force=True)
+
+    data_mod.prepare(spec.data)  # download once, in the driver, before any trial starts
+    cluster = tuner.connect(address, dashboard=dashboard, num_cpus=num_cpus)
+    _print_cluster(cluster, out)
+    resources = tuner.trial_resources(spec.search.resources, cluster)
+    slots = max(1, int(cluster.cpus // resources["cpu"]))
+    if resources["gpu"]:
+        slots = min(slots, int(cluster.gpus // resources["gpu"]))
+    max_concurrent = spec.search.max_concurrent or slots
+    if spec.search.algorithm == "optuna":
+        source: Any = OptunaSource(spec, log, todo, next_index, total)
+        remaining = len(todo) + max(0, total - next_index)
+    else:
+        source = SampledSource(log, todo)
+        remaining = len(todo)
+    out(
+        f"search '{exp.name}': {remaining} trials to run of {total}, {min(max_concurrent, slots)} at a time "
+        f"({resources['cpu']:g} CPU" + (f", {resources['gpu']:g} GPU" if resources["gpu"] else "") + " each), "
+        f"{spec.search.scheduler.name} up to {spec.search.scheduler.max_epochs} epochs; results in {exp.uri()}"
+    )
+    if remaining == 0:
+        out("nothing to run: every trial has finished")
+    live = LiveTable(log, total, out, progress_every_s)
+    setup = TrialSetup(data=spec.data, epochs=spec.search.scheduler.max_epochs, seed=spec.search.seed)
+    run_name = f"run-{int(time.time())}"
+    interrupted = False
+    try:
+        if remaining:
+            tuner.run_search(
+                setup=setup, source=source, events=live, scheduler=spec.search.scheduler,
+                metric=spec.search.metric, mode=spec.search.resolved_mode, resources=resources,
+                num_trials=remaining, max_concurrent=max_concurrent, max_failures=spec.search.max_failures,
+                storage_path=exp.uri("ray"), run_name=run_name,
+                trial_names=lambda c: trial_label(c["trial_id"], c["config"]),
+            )
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        for r in log.rows.values():
+            if r["status"] == "running":  # stopped by Ctrl-C: rerun on --resume
+                r["status"] = "interrupted"
+        log.flush(force=True)
+    unfinished = [r for r in log.rows.values() if r["status"] not in FINISHED]
+    live.print_table()
+    for line in leaderboard_lines(log):
+        out(line)
+    out(f"trials: {exp.uri('trials.parquet')}  epochs: {exp.uri('epochs.parquet')}  TensorBoard: tensorboard --logdir {exp.uri('ray')}")
+    if interrupted or unfinished:
+        out(f"{len(unfinished)} trials unfinished; continue with: cifar-tune search {spec.source} --name {exp.name} --resume")
+    return exp
+
+
+def _print_cluster(c: Any, out: Printer) -> None:
+    where = "local Ray instance" if c.started_here else f"Ray cluster at {c.address}"
+    out(f"{where}: {c.nodes} node(s), {c.cpus:g} CPUs, {c.gpus:g} GPUs")
+    if c.dashboard_url:
+        out(f"Ray dashboard: {c.dashboard_url}")
+        if c.token_auth:
+            out("  token authentication is on: log in with the token from `ray get-auth-token` (stored in ~/.ray/auth_token)")
+

@@ -1,0 +1,224 @@
+"""The training loop: plain PyTorch on in-memory uint8 tensors; never imports Ray.
+
+Everything per step stays on the device: batches are gathered from the resident data set, augmented
+as a batch, and the running loss/accuracy are accumulated in device tensors. The host synchronises
+once per epoch (to read the metrics), never per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cifar_tune.augment import build_augment, normalize
+from cifar_tune.data import Split
+from cifar_tune.optim import build_optimizer, build_schedule
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """``space.train``: the training recipe besides model, optimizer, schedule and augmentation."""
+
+    batch_size: int = 128
+    label_smoothing: float = 0.0
+    grad_clip_norm: float | None = None  # clip the global gradient norm to this value
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    channels_last: bool | None = None  # None: on for CUDA, off on CPU
+    compile: bool = False  # torch.compile the model
+    eval_batch_size: int = 1024
+
+
+@dataclass
+class FitResult:
+    status: Literal["completed", "diverged"]
+    epochs_run: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    train_time_s: float = 0.0
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    top1: float
+    top5: float
+    per_class_acc: list[float]
+    confusion: list[list[int]]  # rows: true class, columns: predicted class
+    num_images: int
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def prepare_model(model: nn.Module, device: torch.device, opts: TrainOptions) -> nn.Module:
+    """Move to the device; channels_last and torch.compile as asked (both also work on CPU)."""
+    model = model.to(device)
+    if opts.channels_last if opts.channels_last is not None else device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed 32x32 shapes: let cuDNN pick the fastest kernels
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return model
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
+    """Shuffled index batches; the last partial batch is dropped (BatchNorm needs > 1 image)."""
+    perm = torch.randperm(n, generator=generator, device=generator.device).to(device, non_blocking=True)
+    full = max(1, n // batch_size)
+    for i in range(full):
+        yield perm[i * batch_size : (i + 1) * batch_size]
+
+
+def fit(
+    model: nn.Module,
+    train: Split,
+    val: Split | None,
+    config: Mapping[str, Any],
+    *,
+    epochs: int,
+    num_classes: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    on_epoch: Callable[[dict[str, float]], Any] | None = None,
+) -> FitResult:
+    """Train ``model`` for ``epochs`` on ``train``; evaluate on ``val`` (if given) after each epoch.
+
+    ``config`` is a sampled trial config (keys optimizer, schedule, augment, train). ``on_epoch``
+    receives each epoch's metrics (the search reports them to Ray Tune from there). A non-finite
+    training loss ends the run with status ``diverged``.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    opts = TrainOptions(**config.get("train", {}))
+    seed_everything(seed)
+    model = prepare_model(model, device, opts)
+    channels_last = opts.channels_last if opts.channels_last is not None else device.type == "cuda"
+    step_model = torch.compile(model) if opts.compile else model
+    optimizer = build_optimizer(model.parameters(), config.get("optimizer", {"name": "sgd", "lr": 0.05}))
+    steps_per_epoch = max(1, len(train) // opts.batch_size)
+    schedule = build_schedule(optimizer, config.get("schedule", {"name": "none"}), epochs=epochs, steps_per_epoch=steps_per_epoch)
+    augment = build_augment(config.get("augment", {}), mean=mean, std=std, num_classes=num_classes)
+    gen = torch.Generator(device=train.x.device).manual_seed(seed)
+    x_all, y_all = train.x.to(device), train.y.to(device)
+
+    result = FitResult(status="completed", epochs_run=0)
+    for epoch in range(1, epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        for idx in _batches(len(train), opts.batch_size, gen, device):
+            yb = y_all[idx]
+            xb, targets = augment(x_all[idx], yb, gen)
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, opts.precision):
+                logits = step_model(xb)
+                loss = F.cross_entropy(logits.float(), targets, label_smoothing=opts.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if opts.grad_clip_norm is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip_norm, foreach=True)
+            optimizer.step()
+            schedule.step_batch()
+            loss_sum += loss.detach() * idx.numel()
+            correct += (logits.detach().argmax(1) == yb).sum()
+            seen += idx.numel()
+        train_loss = loss_sum.item() / seen  # the one host sync of the epoch
+        train_time_s = time.perf_counter() - t0
+        metrics: dict[str, float] = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_acc": correct.item() / seen,
+            "lr": schedule.lr(),
+            "train_time_s": train_time_s,
+            "images_per_s": seen / train_time_s,
+        }
+        result.epochs_run, result.train_time_s = epoch, result.train_time_s + train_time_s
+        if not math.isfinite(train_loss):
+            result.status = "diverged"
+            metrics.update(status="diverged", epoch_time_s=time.perf_counter() - t0)
+            result.history.append(metrics)
+            if on_epoch:
+                on_epoch(metrics)
+            break
+        val_loss = None
+        if val is not None:
+            ev = evaluate(step_model, val, mean=mean, std=std, num_classes=num_classes, device=device,
+                          batch_size=opts.eval_batch_size, channels_last=channels_last, precision=opts.precision)
+            val_loss = ev.loss
+            metrics.update(val_loss=ev.loss, val_acc=ev.top1, val_top5=ev.top5)
+        schedule.step_epoch(val_loss)
+        metrics["epoch_time_s"] = time.perf_counter() - t0
+        result.history.append(metrics)
+        if on_epoch:
+            on_epoch(metrics)
+    return result
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    split: Split,
+    *,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    num_classes: int,
+    device: torch.device | str | None = None,
+    batch_size: int = 1024,
+    channels_last: bool = False,
+    precision: str = "auto",
+) -> EvalResult:
+    """Loss, top-1, top-5, per-class accuracy and confusion matrix; one host sync at the end."""
+    device = torch.device(device) if device is not None else default_device()
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    top1 = torch.zeros((), device=device, dtype=torch.long)
+    top5 = torch.zeros((), device=device, dtype=torch.long)
+    confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
+    k = min(5, num_classes)
+    for start in range(0, len(split), batch_size):
+        xb = normalize(split.x[start : start + batch_size].to(device), mean, std)
+        yb = split.y[start : start + batch_size].to(device)
+        if channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, precision):
+            logits = model(xb).float()
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum")
+        pred_k = logits.topk(k, dim=1).indices
+        top1 += (pred_k[:, 0] == yb).sum()
+        top5 += (pred_k == yb[:, None]).any(dim=1).sum()
+        confusion += torch.bincount(yb * num_classes + pred_k[:, 0], minlength=num_classes * num_classes)
+    model.train(was_training)
+    n = len(split)
+    cm = confusion.view(num_classes, num_classes).cpu()
+    per_class = (cm.diag().double() / cm.sum(1).clamp(min=1).double()).tolist()
+    return EvalResult(
+        loss=loss_sum.item() / n, top1=top1.item() / n, top5=top5.item() / n,
+        per_class_acc=per_class, confusion=cm.tolist(), num_images=n,
+    )

@@ -1,0 +1,257 @@
+"""Everything that touches Ray lives here, so Ray's changing APIs touch one file.
+
+The rest of the package talks to this module through plain Python objects: a ``TrialSource`` that
+hands out (trial id, config) pairs and hears about results, and a ``SearchEvents`` sink that the
+results store implements.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+# The legacy reporter honours verbose=0; we print our own live table instead of Ray's.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# Diverged and out-of-memory trials report a last result without validation metrics.
+os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+
+import ray  # noqa: E402
+from ray import tune  # noqa: E402
+from ray.tune.schedulers import (  # noqa: E402
+    AsyncHyperBandScheduler,
+    FIFOScheduler,
+    HyperBandScheduler,
+    MedianStoppingRule,
+    TrialScheduler,
+)
+from ray.tune.search import Searcher  # noqa: E402
+
+from cifar_tune.spec import ResourcesSpec, SchedulerSpec  # noqa: E402
+
+TOKEN_PATH = Path.home() / ".ray" / "auth_token"
+
+
+class TrialSource(Protocol):
+    def next_trial(self) -> tuple[str, dict[str, Any]] | None: ...
+    def trial_finished(self, trial_id: str, result: dict[str, Any] | None, error: bool) -> None: ...
+
+
+class SearchEvents(Protocol):
+    def trial_started(self, trial_id: str, config: dict[str, Any]) -> None: ...
+    def trial_result(self, trial_id: str, metrics: dict[str, Any]) -> None: ...
+    def trial_finished(self, trial_id: str, last: dict[str, Any]) -> None: ...
+    def trial_errored(self, trial_id: str, message: str) -> None: ...
+    def trial_retried(self, trial_id: str) -> None: ...
+    def tick(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class RayInfo:
+    address: str
+    dashboard_url: str | None
+    started_here: bool
+    cpus: float
+    gpus: float
+    nodes: int
+    token_auth: bool
+
+
+# ------------------------------------------------------------------------------------- the cluster
+
+
+def connect(address: str | None = None, *, dashboard: bool = True, num_cpus: int | None = None) -> RayInfo:
+    """Start a local Ray instance, or join ``address`` (e.g. ``auto`` or ``10.0.0.1:6379``)."""
+    started_here = False
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+        if address:
+            ctx = ray.init(address=address, **kwargs)
+        else:
+            ctx = ray.init(
+                num_cpus=num_cpus,
+                include_dashboard=dashboard,
+                dashboard_host="127.0.0.1",  # never expose the dashboard beyond this machine by default
+                **kwargs,
+            )
+            started_here = True
+        url = getattr(ctx, "dashboard_url", None)
+    else:
+        url = None  # joined an instance this process already started (tests)
+    res = ray.cluster_resources()
+    return RayInfo(
+        address=ray.get_runtime_context().gcs_address,
+        dashboard_url=f"http://{url}" if url and not url.startswith("http") else url,
+        started_here=started_here,
+        cpus=res.get("CPU", 0.0),
+        gpus=res.get("GPU", 0.0),
+        nodes=len([n for n in ray.nodes() if n.get("Alive")]),
+        token_auth=os.environ.get("RAY_AUTH_MODE", "token") != "disabled",
+    )
+
+
+def shutdown() -> None:
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------- search
+
+
+def _trainable(config: dict[str, Any], setup: Any) -> None:
+    """Runs in a Ray worker: the plain-PyTorch trial, reporting each epoch to Tune."""
+    from cifar_tune.trial import run_trial
+
+    node_id = ray.get_runtime_context().get_node_id()
+    pid = os.getpid()
+
+    def report(metrics: dict[str, Any]) -> None:
+        tune.report({**metrics, "node_id": node_id, "pid": pid})
+
+    run_trial(config["config"], setup, trial_id=config["trial_id"], report=report)
+
+
+class _SourceSearcher(Searcher):
+    """Adapts a ``TrialSource`` (our seeded sampler, grid or Optuna) to Tune's Searcher API."""
+
+    def __init__(self, source: TrialSource, metric: str, mode: str) -> None:
+        super().__init__(metric=metric, mode=mode)
+        self.source = source
+        self.ids: dict[str, str] = {}  # Ray's trial id -> ours
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        nxt = self.source.next_trial()
+        if nxt is None:
+            return Searcher.FINISHED
+        self.ids[trial_id] = nxt[0]
+        return {"trial_id": nxt[0], "config": nxt[1]}
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if trial_id in self.ids:
+            self.source.trial_finished(self.ids[trial_id], result, error)
+
+    # Resume is ours (the results store), not Tune's experiment checkpoint.
+    def save(self, checkpoint_path: str) -> None:
+        pass
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass
+
+
+def _error_message(trial: Any) -> str:
+    """The last line of the trial's traceback ("ValueError: ..."), not the whole thing."""
+    path = getattr(trial, "error_file", None)
+    text = ""
+    if path and os.path.exists(path):
+        text = Path(path).read_text(errors="replace")
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if ":" in ln and not ln.startswith(("File ", "^", "~")):
+            return ln[:500]
+    return lines[-1][:500] if lines else "trial failed (no error file)"
+
+
+class _EventsCallback(tune.Callback):
+    def __init__(self, events: SearchEvents) -> None:
+        self.events = events
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.events.trial_started(trial.config["trial_id"], trial.config["config"])
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any) -> None:
+        self.events.trial_result(trial.config["trial_id"], result)
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.events.trial_finished(trial.config["trial_id"], dict(trial.last_result or {}))
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.events.trial_errored(trial.config["trial_id"], _error_message(trial))
+
+    def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.events.trial_retried(trial.config["trial_id"])
+
+    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        self.events.tick()
+
+
+def make_scheduler(sched: SchedulerSpec) -> TrialScheduler:
+    """One report per epoch, so ``epoch`` is the time attribute of every scheduler."""
+    if sched.name == "asha":
+        return AsyncHyperBandScheduler(
+            time_attr="epoch", max_t=sched.max_epochs, grace_period=sched.grace_period,
+            reduction_factor=sched.reduction_factor, brackets=sched.brackets,
+        )
+    if sched.name == "hyperband":
+        return HyperBandScheduler(time_attr="epoch", max_t=sched.max_epochs, reduction_factor=sched.reduction_factor)
+    if sched.name == "median":
+        return MedianStoppingRule(time_attr="epoch", grace_period=sched.grace_period, min_samples_required=3)
+    return FIFOScheduler()
+
+
+def trial_resources(res: ResourcesSpec, cluster: RayInfo) -> dict[str, float]:
+    """Fractional GPUs pack several trials per device; with no GPU in the cluster, CPU only."""
+    gpus = res.gpus_per_trial if cluster.gpus > 0 else 0.0
+    return {"cpu": res.cpus_per_trial, "gpu": gpus}
+
+
+def run_search(
+    *,
+    setup: Any,
+    source: TrialSource,
+    events: SearchEvents,
+    scheduler: SchedulerSpec,
+    metric: str,
+    mode: str,
+    resources: dict[str, float],
+    num_trials: int,
+    max_concurrent: int,
+    max_failures: int,
+    storage_path: str,
+    run_name: str,
+    trial_names: Callable[[dict[str, Any]], str],
+) -> None:
+    """Run the trials to completion; every outcome arrives through ``events``."""
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # our events print one line per failure
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(_trainable, setup=setup), resources),
+        tune_config=tune.TuneConfig(
+            search_alg=_SourceSearcher(source, metric, mode),
+            scheduler=make_scheduler(scheduler),
+            metric=metric,
+            mode=mode,
+            num_samples=num_trials,
+            max_concurrent_trials=max_concurrent,
+            reuse_actors=True,  # a reused worker keeps its cached data set: no per-trial reload
+            trial_name_creator=lambda t: trial_names(t.config),
+            trial_dirname_creator=lambda t: trial_names(t.config),
+        ),
+        run_config=tune.RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            callbacks=[_EventsCallback(events)],
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    tuner.fit()
+
+
+# ----------------------------------------------------------------------------------------- tasks
+
+
+def run_tasks(
+    fn: Callable[..., Any], calls: list[dict[str, Any]], *, cpus: float, gpus: float
+) -> Iterator[tuple[int, Any]]:
+    """Run ``fn(**kwargs)`` for each call as Ray tasks; yield ``(index, result)`` as each finishes."""
+    remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=1)(fn)
+    pending = {remote.remote(**kw): i for i, kw in enumerate(calls)}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            i = pending.pop(ref)
+            yield i, ray.get(ref)
+
