@@ -153,7 +153,8 @@ def _dense_stack(
 class ConvBlock:
     """A validated plain conv block: ``(conv -> [bn] -> act) x len(channels) -> [pool] -> [dropout]``."""
 
-    key: str  # config path, for error messages ("blocks[2]")
+    key: str  # config path of the block, for error messages ("blocks[2]", "channels[1]")
+    kernel_key: str  # config path of its kernel size ("blocks[2].kernel_size", "kernel_size")
     channels: tuple[int, ...]
     kernel_size: int
     padding: int | None  # None = same
@@ -177,10 +178,10 @@ def _feature_map_sizes(blocks: Sequence[ConvBlock], image_size: int, where: str)
                 continue
             new = size + 2 * block.padding - block.kernel_size + 1
             if new < 1:
+                which = f"conv {i} of {block.key}" if len(block.channels) > 1 else f"the conv of {block.key}"
                 raise ValueError(
-                    f"{block.key}.kernel_size: a {block.kernel_size}x{block.kernel_size} conv "
-                    f"(#{i}, padding {block.padding}) does not fit the {size}x{size} feature map "
-                    f"of a {image_size}x{image_size} input"
+                    f"{block.kernel_key}: {block.kernel_size}x{block.kernel_size} ({which}, padding "
+                    f"{block.padding}) does not fit its {size}x{size} input (from {image_size}x{image_size})"
                 )
             size = new
         if block.pool != "none":
@@ -312,7 +313,7 @@ def lenet(
     bn = _check_bool("batch_norm", batch_norm)
     pool_kind = _check_choice("pool", pool, ("max", "avg"))
     blocks = [
-        ConvBlock(f"channels[{i}]", (c,), ksize, pad, act, bn, pool_kind, 0.0)
+        ConvBlock(f"channels[{i}]", "kernel_size", (c,), ksize, pad, act, bn, pool_kind, 0.0)
         for i, c in enumerate(_check_int_list("channels", channels, min_len=1))
     ]
     return _conv_classifier(
@@ -348,6 +349,7 @@ def _vgg_block(key: str, spec: Any, defaults: Mapping[str, Any]) -> ConvBlock:
     s = {**defaults, **spec}
     return ConvBlock(
         key=key,
+        kernel_key=f"{key}.kernel_size",
         channels=tuple(_check_int_list(f"{key}.channels", s["channels"], min_len=1)),
         kernel_size=_check_int(f"{key}.kernel_size", s["kernel_size"]),
         padding=_check_padding(f"{key}.padding", s["padding"]),
@@ -498,9 +500,11 @@ def _init_resnet(model: nn.Module, *, zero_init_residual: bool) -> None:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-        if zero_init_residual and isinstance(m, (BasicBlock, Bottleneck)):
-            # Each block starts as the identity, which helps large-batch / high-lr starts (Goyal et al.).
-            nn.init.zeros_(m.last_bn().weight)
+    if zero_init_residual:
+        # Each block starts as the identity, which helps large-batch / high-lr starts (Goyal et al.).
+        for m in model.modules():
+            if isinstance(m, (BasicBlock, Bottleneck)):
+                nn.init.zeros_(m.last_bn().weight)
 
 
 @MODELS.register()

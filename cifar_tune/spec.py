@@ -555,8 +555,10 @@ def parse_spec(raw: Any, source: str = "<spec>", *, check_budget: bool = True) -
     space = {k: parse_tree(v, f"space.{k}", errors) for k, v in space_raw.items()}
     if not errors:
         check_space(space, info, search.algorithm, search.seed, errors)
+    merged = {**SPACE_DEFAULTS, **space}
+    full_space = {k: merged[k] for k in SPACE_KEYS if k in merged}  # always in the documented order
     spec = Spec(
-        name=str(name), data=data, search=search, space={**SPACE_DEFAULTS, **space},
+        name=str(name), data=data, search=search, space=full_space,
         constraints=constraints, retrain=retrain, source=source,
     )
     if not errors and check_budget and constraints.max_params is not None and info is not None:

@@ -1,0 +1,101 @@
+"""Shared fixtures. ``fake_cifar`` builds tiny CIFAR releases in the real pickle + tar.gz format (no network)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import pickle
+import shutil
+import tarfile
+import urllib.error
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cifar_tune import data
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class FakeCifar:
+    source: data.CifarSource  # the real source with this fake's checksums
+    server: Path  # directory the fake downloader serves the archive from
+    root: Path  # empty data root to prepare into
+
+    @property
+    def served_archive(self) -> Path:
+        return self.server / self.source.archive
+
+
+def write_fake_cifar(workdir: Path, key: str, per_file: int, seed: int = 0) -> FakeCifar:
+    """Write ``per_file`` random images per batch file in CIFAR's python-pickle layout and tar.gz it."""
+    src = data.CIFAR_SOURCES[key]
+    rng = np.random.default_rng(seed)
+    k = len(src.classes)
+    folder = workdir / "build" / src.folder
+    folder.mkdir(parents=True)
+
+    def dump(name: str, obj: dict) -> tuple[str, str]:
+        with open(folder / name, "wb") as fh:
+            pickle.dump(obj, fh, protocol=2)  # the release was written by Python 2's cPickle
+        return name, _md5(folder / name)
+
+    def batch(name: str, offset: int) -> tuple[str, str]:
+        labels = [(offset + i) % k for i in range(per_file)]
+        entry = {"batch_label": name, "filenames": [f"{name}_{i}.png" for i in range(per_file)],
+                 "data": rng.integers(0, 256, (per_file, 3072), dtype=np.uint8), src.label_key: labels}
+        if key == "cifar100":  # coarse labels exist too; the loader must read the fine ones
+            entry["coarse_labels"] = [lab % 20 for lab in labels]
+        return dump(name, entry)
+
+    train = tuple(batch(name, i * per_file) for i, (name, _) in enumerate(src.train_files))
+    test = tuple(batch(name, 3) for name, _ in src.test_files)
+    meta = {src.meta_key: list(src.classes)}
+    if key == "cifar100":
+        meta["coarse_label_names"] = [f"super_{i}" for i in range(20)]
+    meta_file = dump(src.meta_file[0], meta)
+    server = workdir / "server"
+    server.mkdir()
+    with tarfile.open(server / src.archive, "w:gz") as tar:
+        tar.add(folder, arcname=src.folder)
+    fake = dataclasses.replace(src, archive_md5=_md5(server / src.archive), train_files=train,
+                               test_files=test, meta_file=meta_file)
+    root = workdir / "root"
+    root.mkdir()
+    return FakeCifar(fake, server, root)
+
+
+def serve_from(server: Path) -> Callable[[str, Path, str, str], None]:
+    """A stand-in for the network: copies ``server/filename``; verifies the md5 as torchvision does."""
+
+    def download(url: str, root: Path, filename: str, md5: str) -> None:
+        src = server / filename
+        if not src.is_file():
+            raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+        Path(root).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, Path(root) / filename)
+        if _md5(Path(root) / filename) != md5:
+            raise RuntimeError("File not found or corrupted.")
+
+    return download
+
+
+@pytest.fixture
+def fake_cifar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., FakeCifar]]:
+    """``make(key, per_file=...)``: a fake release installed as ``data.CIFAR_SOURCES[key]``, served offline."""
+
+    def make(key: str, per_file: int = 20, seed: int = 0) -> FakeCifar:
+        fake = write_fake_cifar(tmp_path / key, key, per_file, seed)
+        monkeypatch.setitem(data.CIFAR_SOURCES, key, fake.source)
+        monkeypatch.setattr(data, "_download_archive", serve_from(fake.server))
+        data.clear_cache()
+        return fake
+
+    yield make
+    data.clear_cache()

@@ -1,0 +1,296 @@
+"""Optimizers and run-length-relative lr schedules."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import typing
+from typing import Any
+
+import pytest
+import torch
+
+from cifar_tune.optim import (
+    OPTIMIZERS,
+    SCHEDULE_COMMON_KEYS,
+    SCHEDULES,
+    Schedule,
+    build_optimizer,
+    build_schedule,
+)
+
+# An lr at which each optimizer makes quick progress on the quadratic below.
+LR = {"sgd": 0.1, "adam": 0.1, "adamw": 0.1, "rmsprop": 0.05, "adagrad": 0.5}
+
+
+def _quadratic_losses(cfg: dict[str, Any], steps: int = 20) -> list[float]:
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(16))
+    target = torch.randn(16)
+    opt = build_optimizer([w], cfg)
+    losses = []
+    for _ in range(steps):
+        loss = ((w - target) ** 2).sum()
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return losses
+
+
+def test_every_optimizer_has_a_test_lr() -> None:
+    assert set(OPTIMIZERS) == set(LR)
+
+
+@pytest.mark.parametrize("registry", [OPTIMIZERS, SCHEDULES], ids=["optimizers", "schedules"])
+def test_signature_contract(registry: Any) -> None:
+    for name, builder in registry.items():
+        hints = typing.get_type_hints(builder)
+        for key, p in registry.hyperparameters(name).items():
+            assert p.default is not inspect.Parameter.empty, (name, key)
+            assert key in hints, (name, key)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_optimizer_reduces_quadratic(name: str) -> None:
+    losses = _quadratic_losses({"name": name, "lr": LR[name]})
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_optimizer_defaults_and_foreach(name: str) -> None:
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(2))], {"name": name})
+    assert opt.defaults["foreach"] is True
+    torch_default = inspect.signature(type(opt).__init__).parameters["lr"].default
+    assert opt.defaults["lr"] == torch_default
+
+
+def test_optimizer_accepts_param_groups_and_numpy_scalars() -> None:
+    np = pytest.importorskip("numpy")
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = build_optimizer(
+        [{"params": [a]}, {"params": [b], "weight_decay": 0.0}],
+        {"name": "sgd", "lr": np.float64(0.1), "momentum": np.float32(0.9), "weight_decay": 5e-4},
+    )
+    assert [g["weight_decay"] for g in opt.param_groups] == [5e-4, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        ({"name": "sgd", "lr": -0.1}, "lr: must be > 0"),
+        ({"name": "sgd", "lr": 0}, "lr: must be > 0"),
+        ({"name": "sgd", "momentum": 1.0}, "momentum: must be in [0, 1)"),
+        ({"name": "sgd", "dampening": -0.1}, "dampening: must be in [0, 1)"),
+        ({"name": "sgd", "nesterov": True}, "nesterov: needs momentum > 0 and dampening 0"),
+        (
+            {"name": "sgd", "nesterov": True, "momentum": 0.9, "dampening": 0.1},
+            "nesterov: needs momentum > 0",
+        ),
+        ({"name": "sgd", "weight_decay": -1e-4}, "weight_decay: must be >= 0"),
+        ({"name": "sgd", "lr": "fast"}, "lr: must be a number"),
+        (
+            {"name": "sgd", "momentun": 0.9},
+            "momentun: unknown key for optimizer 'sgd' (did you mean 'momentum'?)",
+        ),
+        ({"name": "adam", "beta1": 1.0}, "beta1: must be in [0, 1)"),
+        ({"name": "adamw", "beta2": -0.5}, "beta2: must be in [0, 1)"),
+        ({"name": "adam", "eps": 0.0}, "eps: must be > 0"),
+        ({"name": "adam", "amsgrad": "yes"}, "amsgrad: must be true or false"),
+        ({"name": "rmsprop", "alpha": 1.0}, "alpha: must be in [0, 1)"),
+        ({"name": "rmsprop", "momentum": 1.5}, "momentum: must be in [0, 1)"),
+        ({"name": "adagrad", "lr_decay": -0.1}, "lr_decay: must be >= 0"),
+        ({"name": "adagrad", "initial_accumulator_value": -1}, "initial_accumulator_value: must be >= 0"),
+        ({"name": "adamm"}, "name: unknown optimizer 'adamm' (did you mean 'adam'?); available:"),
+        ({"lr": 0.1}, "name: missing; available: adagrad, adam, adamw, rmsprop, sgd"),
+    ],
+)
+def test_bad_optimizer_hyperparameters(cfg: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        build_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg)
+    assert message in str(err.value)
+
+
+def test_no_parameters() -> None:
+    with pytest.raises(ValueError, match="params: the model has no trainable parameters"):
+        build_optimizer([], {"name": "sgd"})
+
+
+# ---------------------------------------------------------------------------------- schedules
+
+
+def _curve(
+    cfg: dict[str, Any], *, epochs: int = 10, steps_per_epoch: int = 10, lr: float = 1.0
+) -> list[float]:
+    """lr before each step_batch call, plus the lr after the last one (len = total_steps + 1)."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = build_schedule(opt, cfg, epochs=epochs, steps_per_epoch=steps_per_epoch)
+    lrs = [sched.lr()]
+    for _ in range(epochs * steps_per_epoch):
+        sched.step_batch()
+        lrs.append(sched.lr())
+    return lrs
+
+
+def test_schedule_common_keys() -> None:
+    assert {"warmup_frac": float} == SCHEDULE_COMMON_KEYS
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+@pytest.mark.parametrize("warmup_frac", [0.0, 0.1])
+def test_every_schedule_is_bounded_and_finite(name: str, warmup_frac: float) -> None:
+    lrs = _curve({"name": name, "warmup_frac": warmup_frac}, lr=0.5)
+    assert all(math.isfinite(x) and 0 <= x <= 0.5 + 1e-12 for x in lrs)
+    assert all(x > 0 for x in lrs[:-1])  # only the lr after the last step may be 0 (cosine's default min)
+
+
+def test_lr_is_a_python_float() -> None:
+    """step_batch must not touch the device: the lr stays a plain float computed from a counter."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = build_schedule(opt, {"name": "cosine"}, epochs=2, steps_per_epoch=3)
+    sched.step_batch()
+    assert type(opt.param_groups[0]["lr"]) is float
+
+
+def test_none_is_constant() -> None:
+    assert set(_curve({"name": "none"}, lr=0.3)) == {0.3}
+
+
+def test_cosine_ends_at_min() -> None:
+    lrs = _curve({"name": "cosine", "min_lr_frac": 0.05}, lr=2.0)
+    assert lrs[0] == pytest.approx(2.0)
+    assert lrs[-1] == pytest.approx(0.1)
+    assert lrs[50] == pytest.approx(2.0 * (0.05 + 0.95 * 0.5))
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+
+
+def test_onecycle_peaks_at_pct_start() -> None:
+    lrs = _curve({"name": "onecycle", "pct_start": 0.25, "div_factor": 10.0, "final_div_factor": 100.0})
+    assert max(range(len(lrs)), key=lrs.__getitem__) == 25
+    assert lrs[25] == pytest.approx(1.0)
+    assert lrs[0] == pytest.approx(0.1)
+    assert lrs[-1] == pytest.approx(0.1 / 100.0)
+
+
+def test_step_drops_at_fraction() -> None:
+    lrs = _curve({"name": "step", "every_frac": 0.3, "gamma": 0.5})
+    assert lrs[29] == 1.0 and lrs[30] == 0.5 and lrs[59] == 0.5 and lrs[60] == 0.25 and lrs[90] == 0.125
+
+
+def test_multistep_drops_at_fractions() -> None:
+    lrs = _curve({"name": "multistep", "milestones_frac": [0.5, 0.75], "gamma": 0.1})
+    assert lrs[49] == 1.0 and lrs[50] == pytest.approx(0.1)
+    assert lrs[74] == pytest.approx(0.1) and lrs[75] == pytest.approx(0.01)
+
+
+def test_exponential_total_decay() -> None:
+    lrs = _curve({"name": "exponential", "final_lr_frac": 0.01})
+    assert lrs[50] == pytest.approx(0.1) and lrs[-1] == pytest.approx(0.01)
+
+
+def test_warmup_ramps_linearly_then_hands_over() -> None:
+    lrs = _curve({"name": "none", "warmup_frac": 0.1})  # 10 warmup steps of 100
+    assert lrs[0] == pytest.approx(1 / 11)
+    assert all(b - a == pytest.approx(1 / 11) for a, b in zip(lrs[:10], lrs[1:11], strict=True))
+    assert lrs[10:] == [1.0] * 91
+    cos = _curve({"name": "cosine", "warmup_frac": 0.1})
+    assert cos[10] == pytest.approx(_curve({"name": "cosine"})[10])  # the schedule is not shifted
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {"name": "cosine", "min_lr_frac": 0.1},
+        {"name": "cosine", "min_lr_frac": 0.1, "warmup_frac": 0.1},
+        {"name": "onecycle", "pct_start": 0.2},
+        {"name": "step", "every_frac": 0.25},
+        {"name": "multistep", "milestones_frac": [0.5, 0.75]},
+        {"name": "exponential", "final_lr_frac": 0.05},
+    ],
+    ids=lambda c: c["name"] + ("+warmup" if "warmup_frac" in c else ""),
+)
+def test_schedules_rescale_with_run_length(cfg: dict[str, Any]) -> None:
+    short = _curve(cfg, epochs=10, steps_per_epoch=4)  # 40 steps
+    long = _curve(cfg, epochs=30, steps_per_epoch=4)  # 120 steps
+    # warmup's first steps are (t+1)/(W+1), not a pure fraction: compare from its end on
+    for frac in (0.0, 0.25, 0.5, 0.75, 1.0) if "warmup_frac" not in cfg else (0.1, 0.25, 0.5, 0.75, 1.0):
+        assert short[round(frac * 40)] == pytest.approx(long[round(frac * 120)]), frac
+
+
+def test_plateau_reduces_after_patience() -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_schedule(
+        opt, {"name": "plateau", "factor": 0.5, "patience_frac": 0.2}, epochs=10, steps_per_epoch=5
+    )
+    for _ in range(5):
+        sched.step_batch()
+    assert sched.lr() == 1.0  # per-batch steps never change a plateau schedule
+    sched.step_epoch(1.0)  # best
+    sched.step_epoch(1.0)  # 1 bad epoch (patience = round(0.2 * 10) = 2)
+    sched.step_epoch(None)  # no validation loss: ignored
+    sched.step_epoch(0.99999)  # 2 bad epochs: below the 1e-4 relative threshold
+    assert sched.lr() == 1.0
+    sched.step_epoch(1.0)  # 3 > patience
+    assert sched.lr() == 0.5
+    sched.step_epoch(0.5)  # improvement
+    assert sched.lr() == 0.5
+
+
+def test_plateau_patience_scales_with_epochs() -> None:
+    def patience(epochs: int) -> int:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = build_schedule(
+            opt, {"name": "plateau", "patience_frac": 0.1}, epochs=epochs, steps_per_epoch=1
+        )
+        return sched.factor.patience  # type: ignore[attr-defined]
+
+    assert [patience(e) for e in (5, 10, 30, 90)] == [1, 1, 3, 9]
+
+
+def test_state_dict_round_trip() -> None:
+    def make() -> tuple[torch.optim.Optimizer, Schedule]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return opt, build_schedule(opt, {"name": "cosine", "warmup_frac": 0.1}, epochs=5, steps_per_epoch=10)
+
+    _, a = make()
+    for _ in range(17):
+        a.step_batch()
+    _, b = make()
+    b.load_state_dict(a.state_dict())
+    assert b.lr() == a.lr()
+    a.step_batch()
+    b.step_batch()
+    assert b.lr() == a.lr()
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        ({"name": "step", "every_frac": 0.0}, "every_frac: must be in (0, 1]"),
+        ({"name": "step", "gamma": 1.5}, "gamma: must be in (0, 1]"),
+        ({"name": "multistep", "milestones_frac": [0.75, 0.5]}, "milestones_frac: must be increasing"),
+        ({"name": "multistep", "milestones_frac": [0.5, 1.2]}, "milestones_frac[1]: must be in (0, 1)"),
+        ({"name": "exponential", "final_lr_frac": 0.0}, "final_lr_frac: must be in (0, 1]"),
+        ({"name": "cosine", "min_lr_frac": -0.1}, "min_lr_frac: must be in [0, 1]"),
+        ({"name": "onecycle", "pct_start": 1.0}, "pct_start: must be in (0, 1)"),
+        ({"name": "onecycle", "div_factor": 0.5}, "div_factor: must be in [1, inf)"),
+        ({"name": "plateau", "factor": 1.0}, "factor: must be in (0, 1)"),
+        ({"name": "cosine", "warmup_frac": 1.0}, "warmup_frac: must be in [0, 1)"),
+        (
+            {"name": "cosine", "warmup": 0.1},
+            "warmup: unknown key for lr schedule 'cosine' (did you mean 'warmup_frac'?)",
+        ),
+        ({"name": "cosin"}, "name: unknown lr schedule 'cosin' (did you mean 'cosine'?)"),
+    ],
+)
+def test_bad_schedule_hyperparameters(cfg: dict[str, Any], message: str) -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError) as err:
+        build_schedule(opt, cfg, epochs=10, steps_per_epoch=10)
+    assert message in str(err.value)
+
+
+def test_bad_run_length() -> None:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match="steps_per_epoch: must be an integer >= 1"):
+        build_schedule(opt, {"name": "cosine"}, epochs=10, steps_per_epoch=0)
