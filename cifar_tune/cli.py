@@ -122,6 +122,33 @@ def cmd_search(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from cifar_tune.results import find_experiment
+    from cifar_tune.retrain import run_retrain
+
+    exp = find_experiment(args.storage, args.experiment)
+    df = run_retrain(
+        exp, top=args.top, epochs=args.epochs, seeds=args.seeds, rank_by=args.rank_by,
+        address=args.address, num_cpus=args.num_cpus,
+    )
+    return EXIT_OK if (df["status"] == "completed").all() else EXIT_FAILED
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cifar_tune.report import build_report
+    from cifar_tune.results import find_experiment
+
+    build_report(find_experiment(args.storage, args.experiment))
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cifar_tune.retrain import run_evaluate
+
+    run_evaluate(args.checkpoint, args.data, args.split)
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------ parser
 
 
@@ -167,6 +194,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray instance (default: all)")
     p.add_argument("--progress-every", type=float, default=15.0, metavar="SECONDS", help="live table interval")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("retrain", help="refit the top-K searched configs on train+val and evaluate them on the test split")
+    p.add_argument("experiment", nargs="?", default=None, help="experiment name (default: the most recent under --storage)")
+    p.add_argument("--top", type=int, default=None, help="configs to retrain (default: the spec's retrain.top)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per refit (default: retrain.epochs)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per config (default: retrain.seeds)")
+    p.add_argument("--rank-by", choices=("best", "last"), default=None, help="rank by the best or the last epoch's metric (default: retrain.rank_by)")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root (default: experiments)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray instance (default: all)")
+    p.add_argument("--address", default=None, help="join an existing Ray cluster (e.g. auto or HOST:6379)")
+    p.set_defaults(func=cmd_retrain)
+
+    p = sub.add_parser("report", help="write report.md and PNG plots into the experiment directory")
+    p.add_argument("experiment", nargs="?", default=None, help="experiment name (default: the most recent under --storage)")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root (default: experiments)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("evaluate", help="evaluate a retrain checkpoint: top-1, top-5 and loss")
+    p.add_argument("checkpoint", help="a checkpoints/<trial>_seed<s>.pt file written by retrain")
+    p.add_argument("--data", nargs="+", default=None, metavar="DATASET_OR_NPZ",
+                   help="evaluate on these instead of the checkpoint's own data (a dataset name or an .npz file)")
+    p.add_argument("--split", choices=("test", "trainval"), default="test", help="default: test")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -38,7 +38,7 @@ class TrainOptions:
 
 @dataclass
 class FitResult:
-    status: Literal["completed", "diverged"]
+    status: Literal["completed", "diverged", "oom"]
     epochs_run: int
     history: list[dict[str, float]] = field(default_factory=list)
     train_time_s: float = 0.0

@@ -6,6 +6,7 @@ The search runs this inside Ray workers (``tuner.py`` passes ``tune.report`` as 
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,27 @@ def trial_seed(search_seed: int, trial_id: str) -> int:
     return zlib.crc32(f"{search_seed}:{trial_id}".encode()) & 0x7FFFFFFF
 
 
+FAULTS_ENV = "CIFAR_TUNE_FAULTS"
+
+
+def _inject_fault(trial_id: str, epoch: int) -> None:
+    """Fault drills: ``CIFAR_TUNE_FAULTS="t0001=raise,t0003=exit@2"`` makes trial t0001 raise at
+    its first epoch and the worker process of t0003 die (as if SIGKILLed) at epoch 2. Used by the
+    tests to prove failures are recorded and retried; it does nothing unless the variable is set.
+    """
+    for item in filter(None, os.environ.get(FAULTS_ENV, "").split(",")):
+        tid, _, what = item.partition("=")
+        kind, _, at = what.partition("@")
+        if tid == trial_id and epoch == int(at or 1):
+            if kind == "raise":
+                raise RuntimeError(f"injected fault in {trial_id} at epoch {epoch}")
+            if kind == "exit":  # once: a marker in $CIFAR_TUNE_FAULT_DIR lets the retry succeed
+                marker = os.path.join(os.environ.get("CIFAR_TUNE_FAULT_DIR", "/tmp"), f"{trial_id}.fault-fired")
+                if not os.path.exists(marker):
+                    open(marker, "w").close()
+                    os._exit(1)
+
+
 def run_trial(
     config: dict[str, Any],
     setup: TrialSetup,
@@ -54,9 +76,14 @@ def run_trial(
     params = model_info(model, in_channels=info.channels, image_size=info.image_size)["params"]
 
     def on_epoch(metrics: dict[str, Any]) -> None:
+        _inject_fault(trial_id, int(metrics["epoch"]))
         report({**metrics, "trial_id": trial_id, "params": params, "status": metrics.get("status", "running")})
 
-    return fit(
-        model, train, val, config, epochs=setup.epochs, num_classes=info.num_classes,
-        mean=info.mean, std=info.std, seed=seed, device=device, on_epoch=on_epoch,
-    )
+    try:
+        return fit(
+            model, train, val, config, epochs=setup.epochs, num_classes=info.num_classes,
+            mean=info.mean, std=info.std, seed=seed, device=device, on_epoch=on_epoch,
+        )
+    except torch.OutOfMemoryError as e:  # recorded as "oom", not as a crash of the search
+        report({"trial_id": trial_id, "params": params, "status": "oom", "error": f"out of memory: {str(e)[:300]}"})
+        return FitResult(status="oom", epochs_run=0)

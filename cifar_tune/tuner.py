@@ -72,6 +72,7 @@ def connect(address: str | None = None, *, dashboard: bool = True, num_cpus: int
             ctx = ray.init(address=address, **kwargs)
         else:
             ctx = ray.init(
+                address="local",  # a new instance, even if another Ray runs on this machine
                 num_cpus=num_cpus,
                 include_dashboard=dashboard,
                 dashboard_host="127.0.0.1",  # never expose the dashboard beyond this machine by default
@@ -243,15 +244,60 @@ def run_search(
 # ----------------------------------------------------------------------------------------- tasks
 
 
+class _QueueReporter:
+    """A picklable ``report(item)`` for tasks: puts the item on a Ray queue the driver drains."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+
+    def __call__(self, item: Any) -> None:
+        self.queue.put(item)
+
+
+def _drain(queue: Any, on_progress: Callable[[Any], None]) -> None:
+    while not queue.empty():
+        for item in queue.get_nowait_batch(queue.qsize()):
+            on_progress(item)
+
+
+def put(obj: Any) -> Any:
+    """Store ``obj`` once in the object store; pass the ref as a task argument to share it."""
+    return ray.put(obj)
+
+
 def run_tasks(
-    fn: Callable[..., Any], calls: list[dict[str, Any]], *, cpus: float, gpus: float
+    fn: Callable[..., Any],
+    calls: list[dict[str, Any]],
+    *,
+    cpus: float,
+    gpus: float,
+    on_progress: Callable[[Any], None] | None = None,
+    poll_s: float = 0.5,
 ) -> Iterator[tuple[int, Any]]:
-    """Run ``fn(**kwargs)`` for each call as Ray tasks; yield ``(index, result)`` as each finishes."""
+    """Run ``fn(**kwargs)`` for each call as Ray tasks; yield ``(index, result)`` as each finishes.
+
+    With ``on_progress``, each call also gets ``report=``: items it reports reach ``on_progress`` in
+    the driver (through a Ray queue polled every ``poll_s``), before that call's result is yielded.
+    """
+    queue = None
+    if on_progress is not None:
+        from ray.util.queue import Queue
+
+        queue = Queue(actor_options={"num_cpus": 0})  # a bookkeeping actor must not take a task's CPU
+        calls = [{**kw, "report": _QueueReporter(queue)} for kw in calls]
     remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=1)(fn)
     pending = {remote.remote(**kw): i for i, kw in enumerate(calls)}
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        for ref in done:
-            i = pending.pop(ref)
-            yield i, ray.get(ref)
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=poll_s if queue is not None else None)
+            if queue is not None and on_progress is not None:
+                _drain(queue, on_progress)
+            for ref in done:
+                i = pending.pop(ref)
+                yield i, ray.get(ref)
+    finally:
+        for ref in pending:  # the caller stopped early (Ctrl-C, an error): do not leave work running
+            ray.cancel(ref, force=True)
+        if queue is not None:
+            queue.shutdown()
 

@@ -170,6 +170,24 @@ def test_seed003_stated_count_is_keras_total() -> None:
     assert trainable + moving == 2_762_660
 
 
+def test_seed003_lt_anh_network_keras_total() -> None:
+    """Seed 003 quotes L. T. Anh's 8-conv network at 15,795,556 parameters (again Keras' total)."""
+    cfg = {
+        "family": "vgg",
+        "blocks": [{"channels": [256, 256]}] + [{"channels": [512, 512]}] * 3,
+        "dropout": 0.2,
+        "head": [1024],
+        "head_order": "act-dropout-bn",
+        "head_dropout": 0.2,
+        "head_batch_norm": True,
+    }
+    with torch.device("meta"):
+        model = build_model(cfg, num_classes=100)
+    trainable = sum(p.numel() for p in model.parameters())
+    moving = sum(b.numel() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var")))
+    assert (trainable, trainable + moving) == (15_786_340, 15_795_556)
+
+
 def test_seed003_head_orders() -> None:
     def head_ops(name: str) -> list[str]:
         with torch.device("meta"):

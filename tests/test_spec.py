@@ -137,7 +137,7 @@ BROKEN: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("impossible-arch", _set("space/model", {"family": "vgg", "blocks": [{"channels": [4]}] * 5, "head": [8]}),
      "space.model.blocks"),
     ("budget", _set("constraints", {"max_params": 10}), "constraints.max_params: no model fits 10 parameters (smallest of 200 samples: "),
-    ("nesterov-needs-momentum", _set(f"space/optimizer/choice/0", {"name": "sgd", "lr": 0.1, "nesterov": True}),
+    ("nesterov-needs-momentum", _set("space/optimizer/choice/0", {"name": "sgd", "lr": 0.1, "nesterov": True}),
      "space.optimizer.choice[0]"),
 ]
 

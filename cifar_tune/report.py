@@ -1,0 +1,351 @@
+"""``cifar-tune report``: ``report.md`` plus PNG plots of a search (and its retrain, if one ran).
+
+Everything is read from the experiment directory (spec.yaml, trials.parquet, epochs.parquet,
+retrain.parquet, leaderboard.md); nothing is trained and the test split is not read here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.ticker import NullFormatter
+
+from cifar_tune.errors import UserError
+from cifar_tune.results import Experiment
+from cifar_tune.retrain import StoredSpec, load_stored_spec, rank_trials, ranking_rule, summarize_config
+
+Printer = Callable[[str], None]
+STATUS_COLORS = {"completed": "tab:green", "stopped": "tab:blue", "diverged": "tab:red", "error": "tab:gray", "oom": "tab:purple"}
+LOG_HINTS = ("lr", "learning_rate", "weight_decay", "wd", "eps")  # names that are searched on a log scale
+MAX_LABELLED_CLASSES = 20  # beyond this, axis labels are unreadable
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede the pyplot import
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(exp: Experiment, fig: Any, name: str) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    exp.write_bytes(name, buf.getvalue())
+    return name
+
+
+def varying_config_columns(trials: pd.DataFrame) -> list[str]:
+    """The flattened ``config.*`` columns with more than one distinct value: what was searched."""
+    out = []
+    for col in trials.columns:
+        if not col.startswith("config."):
+            continue
+        values = {json.dumps(v, default=str) for v in trials[col] if not _isna(v)}
+        if len(values) > 1:
+            out.append(col)
+    return out
+
+
+def _isna(v: Any) -> bool:
+    if isinstance(v, list | tuple | np.ndarray | dict):
+        return False
+    if isinstance(v, str):  # parquet stores mixed-type config columns as JSON text: NaN/null mean absent
+        return v in ("NaN", "null")
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _numeric(series: pd.Series) -> pd.Series | None:
+    """The column as floats if every present value is a real number (not a bool), else None."""
+    present = [v for v in series if not _isna(v)]
+    if not present or any(isinstance(v, bool | np.bool_) or not isinstance(v, int | float | np.integer | np.floating) for v in present):
+        return None
+    return pd.to_numeric(series, errors="coerce").astype(float)
+
+
+def is_log_scale(col: str, values: pd.Series) -> bool:
+    """lr-like names, or positive values spanning more than two decades."""
+    v = values.dropna()
+    if len(v) == 0 or (v <= 0).any():
+        return False
+    leaf = col.rsplit(".", 1)[-1].lower()
+    return leaf in LOG_HINTS or leaf.endswith("_lr") or v.max() / v.min() > 100
+
+
+def _class_names(exp: Experiment, stored: StoredSpec, num_classes: int, retrain: pd.DataFrame | None) -> list[str]:
+    """From the dataset (CIFAR needs no files), else from a checkpoint, else class_<i>."""
+    from cifar_tune import data as data_mod
+
+    try:
+        names = list(data_mod.dataset_info(stored.data).classes)
+        if len(names) == num_classes:
+            return names
+    except Exception:  # noqa: BLE001 - an npz file that is gone: fall back below
+        pass
+    if retrain is not None and "checkpoint" in retrain:
+        for rel in retrain["checkpoint"].dropna():
+            try:
+                import torch
+
+                ckpt = torch.load(io.BytesIO(exp.read_bytes(rel)), map_location="cpu", weights_only=True)
+                return [str(c) for c in ckpt["classes"]]
+            except Exception:  # noqa: BLE001
+                continue
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+# ------------------------------------------------------------------------------------------ plots
+
+
+def plot_val_curves(exp: Experiment, epochs: pd.DataFrame, trials: pd.DataFrame, metric: str, best_id: str | None) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    status = dict(zip(trials["trial_id"], trials["status"], strict=False))
+    for tid, g in epochs.dropna(subset=[metric]).groupby("trial_id"):
+        g = g.sort_values("epoch")
+        best = tid == best_id
+        ax.plot(g["epoch"], g[metric], marker="o" if len(g) == 1 else None, markersize=3,
+                color="black" if best else STATUS_COLORS.get(status.get(tid, ""), "tab:gray"),
+                linewidth=2.2 if best else 1.0, alpha=1.0 if best else 0.6, zorder=3 if best else 2)
+    handles = [plt.Line2D([], [], color=c, label=s) for s, c in STATUS_COLORS.items() if s in set(status.values())]
+    if best_id:
+        handles.append(plt.Line2D([], [], color="black", linewidth=2.2, label=f"best ({best_id})"))
+    ax.legend(handles=handles, fontsize=8)
+    ax.set(xlabel="epoch", ylabel=metric, title=f"Validation {metric} per trial (short lines: stopped early)")
+    ax.grid(alpha=0.3)
+    return _save(exp, fig, "report_val_curves.png")
+
+
+def survival_counts(trials: pd.DataFrame, max_epochs: int) -> list[int]:
+    """Trials still training at each epoch 1..max_epochs (a trial that ran e epochs is alive at 1..e)."""
+    ran = pd.to_numeric(trials["epochs_run"], errors="coerce").fillna(0)
+    return [int((ran >= e).sum()) for e in range(1, max_epochs + 1)]
+
+
+def plot_survival(exp: Experiment, trials: pd.DataFrame, stored: StoredSpec) -> str:
+    plt = _pyplot()
+    sched = stored.search.scheduler
+    counts = survival_counts(trials, sched.max_epochs)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.bar(range(1, len(counts) + 1), counts, color="tab:blue", alpha=0.8)
+    if sched.name in ("asha", "hyperband"):
+        rung = float(sched.grace_period)
+        while rung < sched.max_epochs:  # ASHA compares trials when they reach these epochs
+            ax.axvline(rung + 0.5, color="tab:red", linestyle="--", linewidth=1)
+            rung *= sched.reduction_factor
+    ax.set(xlabel="epoch", ylabel="trials alive",
+           title=f"{sched.name} survival: trials still training per epoch (dashed: rungs)")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(exp, fig, "report_rung_survival.png")
+
+
+def plot_hyperparameters(exp: Experiment, trials: pd.DataFrame, cols: list[str], score_col: str) -> str | None:
+    scored = trials[pd.to_numeric(trials[score_col], errors="coerce").notna()] if score_col in trials else trials.iloc[:0]
+    if not cols or scored.empty:
+        return None
+    plt = _pyplot()
+    ncols = min(3, len(cols))
+    nrows = math.ceil(len(cols) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.3 * nrows), squeeze=False)
+    y = scored[score_col].astype(float)
+    colors = pd.to_numeric(scored["epochs_run"], errors="coerce").fillna(0)
+    rng = np.random.default_rng(0)
+    for ax, col in zip(axes.flat, cols, strict=False):
+        num = _numeric(scored[col])
+        if num is not None:
+            sc = ax.scatter(num, y, c=colors, cmap="viridis", s=18, vmin=0)
+            if is_log_scale(col, num):
+                ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a narrow range overlap
+        else:
+            labels = [json.dumps(v, default=str) if not isinstance(v, str) else v for v in scored[col]]
+            cats = sorted({lab for lab, v in zip(labels, scored[col], strict=False) if not _isna(v)})
+            pos = {c: i for i, c in enumerate(cats)}
+            keep = [not _isna(v) for v in scored[col]]
+            xs = [pos[lab] + rng.uniform(-0.15, 0.15) for lab, k in zip(labels, keep, strict=False) if k]
+            sc = ax.scatter(xs, y[keep], c=colors[keep], cmap="viridis", s=18, vmin=0)
+            ax.set_xticks(range(len(cats)), [c[:18] for c in cats], rotation=30, ha="right", fontsize=7)
+        ax.set_title(col.removeprefix("config."), fontsize=9)
+        ax.set_ylabel(score_col, fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(cols):]:
+        ax.axis("off")
+    fig.colorbar(sc, ax=axes, label="epochs run", shrink=0.8)
+    return _save(exp, fig, "report_hyperparameters.png")
+
+
+def plot_optimizers(exp: Experiment, trials: pd.DataFrame, score_col: str) -> str | None:
+    col = "config.optimizer.name"
+    if col not in trials or score_col not in trials:
+        return None
+    scored = trials[pd.to_numeric(trials[score_col], errors="coerce").notna()]
+    if scored.empty:
+        return None
+    plt = _pyplot()
+    names = sorted(scored[col].dropna().astype(str).unique())
+    groups = [scored.loc[scored[col].astype(str) == n, score_col].astype(float).to_numpy() for n in names]
+    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(names)), 4))
+    ax.boxplot(groups, showfliers=False)
+    ax.set_xticks(range(1, len(names) + 1), names)
+    rng = np.random.default_rng(0)
+    for i, g in enumerate(groups, start=1):  # the points too: a box of 2 trials says little alone
+        ax.scatter(i + rng.uniform(-0.12, 0.12, len(g)), g, s=16, alpha=0.7, color="tab:orange", zorder=3)
+    ax.set(ylabel=score_col, title=f"{score_col} by optimizer (n = {', '.join(str(len(g)) for g in groups)})")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(exp, fig, "report_optimizers.png")
+
+
+def plot_per_class(exp: Experiment, acc: np.ndarray, names: list[str], title: str) -> str:
+    plt = _pyplot()
+    order = np.argsort(acc)
+    if len(acc) > MAX_LABELLED_CLASSES:
+        order = np.concatenate([order[:5], order[-5:]])  # the worst and the best five
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.32 * len(order) + 1)))
+    ax.barh(range(len(order)), acc[order], color=["tab:red" if a < np.median(acc) else "tab:green" for a in acc[order]])
+    ax.set_yticks(range(len(order)), [names[i] for i in order], fontsize=8)
+    ax.set(xlim=(0, 1), xlabel="test accuracy", title=title)
+    ax.grid(axis="x", alpha=0.3)
+    return _save(exp, fig, "report_per_class.png")
+
+
+def plot_confusion(exp: Experiment, cm: np.ndarray, names: list[str], title: str) -> str:
+    plt = _pyplot()
+    rows = cm / np.clip(cm.sum(1, keepdims=True), 1, None)  # each true class sums to 1: recall on the diagonal
+    n = len(cm)
+    fig, ax = plt.subplots(figsize=(min(12, 2 + 0.5 * n), min(10, 1.5 + 0.45 * n)))
+    im = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    if n <= MAX_LABELLED_CLASSES:
+        ax.set_xticks(range(n), names, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(n), names, fontsize=8)
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=7,
+                        color="white" if rows[i, j] > 0.5 else "black")
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.colorbar(im, ax=ax, label="fraction of the true class", shrink=0.8)
+    return _save(exp, fig, "report_confusion.png")
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+def _stack(values: pd.Series) -> np.ndarray:
+    return np.stack([np.asarray(json.loads(v) if isinstance(v, str) else [np.asarray(r) for r in v], dtype=float) for v in values])
+
+
+def best_retrained(retrain: pd.DataFrame) -> tuple[str, int, np.ndarray, np.ndarray] | None:
+    """(trial id, seeds, mean per-class accuracy, summed confusion) of the rank-1 config's completed seeds."""
+    ok = retrain[retrain["status"] == "completed"]
+    if ok.empty:
+        return None
+    top = ok[ok["rank"] == ok["rank"].min()]
+    per_class = _stack(top["per_class_acc"]).mean(0)
+    confusion = _stack(top["confusion"]).sum(0)
+    return str(top["trial_id"].iloc[0]), len(top), per_class, confusion
+
+
+def _status_line(trials: pd.DataFrame) -> str:
+    counts = trials["status"].value_counts()
+    return ", ".join(f"{n} {s}" for s, n in counts.items())
+
+
+def _search_table(ranked: pd.DataFrame, metric: str, rank_by: str, k: int = 10) -> list[str]:
+    lines = [f"| rank | trial | {rank_by} {metric} | epochs run | status | params | config |", "|---:|---|---:|---:|---|---:|---|"]
+    for r in ranked.head(k).to_dict("records"):
+        params = f"{int(r['params']):,}" if not _isna(r.get("params")) else "–"
+        lines.append(f"| {r['rank']} | {r['trial_id']} | {float(r[f'{rank_by}_{metric}']):.4f} | {int(r['epochs_run'])} "
+                     f"| {r['status']} | {params} | {summarize_config(json.loads(r['config']))} |")
+    return lines
+
+
+def _image(title: str, rel: str | None, why: str) -> list[str]:
+    return [f"## {title}", "", why, "", f"![{title}]({rel})", ""] if rel else [f"## {title}", "", "(nothing to plot)", ""]
+
+
+def build_report(exp: Experiment, out: Printer = print) -> str:
+    """Write the plots and ``report.md``; returns report.md's text."""
+    stored = load_stored_spec(exp)
+    if not exp.has("trials.parquet"):
+        raise UserError(f"experiment '{exp.name}' has no trials.parquet (the search has not run)")
+    trials = exp.read_table("trials.parquet")
+    epochs = exp.read_table("epochs.parquet") if exp.has("epochs.parquet") else pd.DataFrame(columns=["trial_id", "epoch"])
+    metric, mode, rank_by = stored.search.metric, stored.search.resolved_mode, stored.retrain.rank_by
+    score_col = f"best_{metric}"
+    ranked = rank_trials(trials, metric=metric, mode=mode, rank_by=rank_by)
+    best_id = str(ranked["trial_id"].iloc[0]) if len(ranked) else None
+    cols = varying_config_columns(trials)
+    sched = stored.search.scheduler
+
+    md = [
+        f"# Report: {exp.name}",
+        "",
+        f"- data: {stored.data.dataset}; metric: {metric} ({mode}); {stored.search.algorithm} search, "
+        f"{sched.name} scheduler up to {sched.max_epochs} epochs",
+        f"- trials: {len(trials)} ({_status_line(trials)})",
+        f"- searched hyperparameters: {', '.join(c.removeprefix('config.') for c in cols) or 'none'}",
+        "",
+        "## Search leaderboard",
+        "",
+        f"Ranking rule: {ranking_rule(metric, mode, rank_by)}.",
+        "",
+        *(_search_table(ranked, metric, rank_by) if len(ranked) else ["No trial is eligible for ranking."]),
+        "",
+    ]
+    if metric in epochs and len(epochs):
+        md += _image("Validation curves", plot_val_curves(exp, epochs, trials, metric, best_id),
+                     "Every trial's validation metric per epoch; trials stopped early by the scheduler end early. Black: the top-ranked trial.")
+    md += _image("Rung survival", plot_survival(exp, trials, stored),
+                 "How many trials were still training at each epoch; dashed lines mark the scheduler's rungs.")
+    md += _image("Hyperparameters vs. the metric", plot_hyperparameters(exp, trials, cols, score_col),
+                 f"{score_col} of each trial against each searched hyperparameter (log x for learning-rate-like values); "
+                 "colour: epochs run, since stopped trials had less time to reach their best.")
+    md += _image("Optimizers", plot_optimizers(exp, trials, score_col), f"{score_col} per optimizer: box and individual trials.")
+    md += _retrain_section(exp, stored, out)
+    text = "\n".join(md)
+    exp.write_text("report.md", text)
+    out(f"report: {exp.uri('report.md')}")
+    return text
+
+
+def _retrain_section(exp: Experiment, stored: StoredSpec, out: Printer) -> list[str]:
+    if not exp.has("retrain.parquet"):
+        return ["## Retrain", "", f"Retrain has not run yet: `cifar-tune retrain {exp.name} --top K` refits the best configs "
+                "on train+val and evaluates them on the test split; run `report` again afterwards.", ""]
+    retrain = exp.read_table("retrain.parquet")
+    md = ["## Retrain", ""]
+    if exp.has("leaderboard.md"):
+        board = exp.read_text("leaderboard.md").splitlines()
+        md += [ln.replace("# Retrain leaderboard", "### Retrain leaderboard", 1) for ln in board] + [""]
+    best = best_retrained(retrain)
+    if best is None:
+        return md + ["No retrain run completed.", ""]
+    trial_id, n, per_class, confusion = best
+    names = _class_names(exp, stored, len(per_class), retrain)
+    order = np.argsort(per_class)
+    md += [f"### Per-class test accuracy of the top config ({trial_id}, mean over {n} seed{'s' if n > 1 else ''})", ""]
+    if len(order) <= 10:  # best 5 and worst 5 would overlap: list every class
+        md += ["All classes, best first: " + ", ".join(f"{names[i]} {per_class[i]:.3f}" for i in order[::-1]), ""]
+    else:
+        md += ["Best 5 classes: " + ", ".join(f"{names[i]} {per_class[i]:.3f}" for i in order[::-1][:5]), "",
+               "Worst 5 classes: " + ", ".join(f"{names[i]} {per_class[i]:.3f}" for i in order[:5]), ""]
+    md += [
+        f"![per-class accuracy]({plot_per_class(exp, per_class, names, f'{trial_id}: per-class test accuracy')})",
+        "",
+        f"![confusion matrix]({plot_confusion(exp, confusion, names, f'{trial_id}: test confusion (summed over seeds)')})",
+        "",
+    ]
+    return md

@@ -1,0 +1,295 @@
+"""cifar_tune.augment: every registry entry, exact semantics of the simple ops, validation messages."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cifar_tune import augment as A
+from cifar_tune.augment import AUGMENTS, build_augment, normalize
+from cifar_tune.registry import UnknownNameError
+
+MEAN, STD, K = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3), 7
+
+
+def _batch(b: int = 16, c: int = 3, s: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (b, c, s, s), generator=g, dtype=torch.uint8)
+    return x, torch.randint(0, K, (b,), generator=g)
+
+
+def _run(cfg: dict[str, Any], x: torch.Tensor, y: torch.Tensor, seed: int = 0,
+         mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD) -> tuple[torch.Tensor, torch.Tensor]:
+    aug = build_augment(cfg, mean=mean, std=std, num_classes=K)
+    return aug(x, y, torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", sorted(AUGMENTS))
+def test_every_entry_shape_determinism_per_image(name: str) -> None:
+    x, y = _batch()
+    out, target = _run({name: True}, x, y)
+    assert out.shape == x.shape and out.dtype == torch.float32 and torch.isfinite(out).all()
+    again, target_again = _run({name: True}, x, y)
+    assert torch.equal(out, again) and torch.equal(target, target_again)
+    if name in ("mixup", "cutmix"):
+        assert target.shape == (16, K) and target.dtype == torch.float32
+        assert torch.allclose(target.sum(1), torch.ones(16))
+        assert len(set(target.max(1).values.tolist())) > 1  # a lambda per image
+    else:
+        assert target is y
+        same = x[:1].expand(32, -1, -1, -1).contiguous()  # one image, 32 copies: the draws must differ
+        out_same, _ = _run({name: True}, same, y[:1].expand(32))
+        assert len({bytes(o.numpy()) for o in out_same}) > 1
+    other, other_target = _run({name: True}, x, y, seed=1)
+    assert not (torch.equal(out, other) and torch.equal(target, other_target))  # the seed matters
+
+
+def test_normalize_matches_formula() -> None:
+    x, _ = _batch()
+    expected = (x.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    assert torch.allclose(normalize(x, MEAN, STD), expected, atol=1e-5)
+    out, _ = _run({}, x, _batch()[1])
+    assert torch.allclose(out, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="3 channels"):
+        normalize(x, (0.5,), (0.2,))
+
+
+@pytest.mark.parametrize("name, dim", [("hflip", -1), ("vflip", -2)])
+def test_flip_is_exact_mirror(name: str, dim: int) -> None:
+    x, y = _batch()
+    out, _ = _run({name: {"p": 1.0}}, x, y)
+    assert torch.equal(out, normalize(x.flip(dim), MEAN, STD))
+    out, _ = _run({name: {"p": 0.0}}, x, y)
+    assert torch.equal(out, normalize(x, MEAN, STD))
+
+
+def _windows(padded: torch.Tensor, s: int) -> list[torch.Tensor]:
+    n = padded.shape[-1] - s
+    return [padded[..., i:i + s, j:j + s] for i in range(n + 1) for j in range(n + 1)]
+
+
+@pytest.mark.parametrize("mode, pad_mode", [("reflect", "reflect"), ("zeros", "constant")])
+def test_crop_is_exact_window_of_padded_image(mode: str, pad_mode: str) -> None:
+    x, y = _batch(b=24)
+    out, _ = _run({"crop": {"padding": 3, "padding_mode": mode}}, x, y)
+    padded = F.pad(x, (3, 3, 3, 3), mode=pad_mode)
+    offsets = set()
+    for i in range(len(x)):
+        matches = [k for k, w in enumerate(_windows(padded[i], 12)) if torch.equal(out[i], normalize(w[None], MEAN, STD)[0])]
+        assert matches, f"image {i} is not a window of the padded image"
+        offsets.add(matches[0])
+    assert len(offsets) > 5  # per-image offsets
+
+
+def test_crop_and_flip_compose_exactly() -> None:
+    x, y = _batch()
+    out, _ = _run({"crop": {"padding": 2}, "hflip": {"p": 1.0}}, x, y)
+    padded = F.pad(x, (2, 2, 2, 2), mode="reflect")
+    for i in range(len(x)):
+        assert any(torch.equal(out[i], normalize(w.flip(-1)[None], MEAN, STD)[0]) for w in _windows(padded[i], 12))
+
+
+def test_translate_shifts_in_zeros() -> None:
+    x, y = _batch()
+    out, _ = _run({"translate": {"max_px": 2}}, x, y)
+    padded = F.pad(x, (2, 2, 2, 2))
+    for i in range(len(x)):
+        assert any(torch.equal(out[i], normalize(w[None], MEAN, STD)[0]) for w in _windows(padded[i], 12))
+
+
+def test_rotation_geometry() -> None:
+    """Tiny angles must reproduce the input: catches swapped axes, wrong scale or centre."""
+    x, y = _batch()
+    ref = normalize(x, MEAN, STD)
+    out, _ = _run({"rotation": {"degrees": 1e-3}}, x, y)
+    assert (out - ref).abs().max() < 0.05
+    out, _ = _run({"rotation": {"degrees": 1e-3}, "hflip": {"p": 1.0}}, x, y)
+    assert (out - normalize(x.flip(-1), MEAN, STD)).abs().max() < 0.05
+    big, _ = _run({"rotation": {"degrees": 30}}, x, y)
+    assert (big - ref).abs().mean() > 0.1
+    # a constant image stays constant under reflect-filled rotation (no black corners)
+    flat = torch.full((4, 3, 12, 12), 200, dtype=torch.uint8)
+    out, _ = _run({"rotation": {"degrees": 40}, "crop": {"padding": 4}}, flat, y[:4])
+    assert torch.allclose(out, normalize(flat, MEAN, STD), atol=1e-4)
+
+
+def test_zero_color_jitter_is_identity() -> None:
+    x, y = _batch()
+    cfg = {"color_jitter": {"brightness": 0, "contrast": 0, "saturation": 0, "hue": 0}}
+    assert torch.equal(_run(cfg, x, y)[0], normalize(x, MEAN, STD))
+
+
+def test_saturation_and_hue_keep_grays() -> None:
+    gray = torch.randint(0, 256, (8, 1, 12, 12), dtype=torch.uint8).expand(8, 3, 12, 12).contiguous()
+    cfg = {"color_jitter": {"brightness": 0, "contrast": 0, "saturation": 0.9, "hue": 0.5}}
+    out, _ = _run(cfg, gray, torch.zeros(8, dtype=torch.int64))
+    assert torch.allclose(out, normalize(gray, MEAN, STD), atol=1e-3)
+
+
+def test_color_jitter_ranges() -> None:
+    x, y = _batch(b=64)
+    x = (x // 2 + 64).to(torch.uint8)  # stay away from clamping
+    out, _ = _run({"color_jitter": {"brightness": 0.3, "contrast": 0, "saturation": 0, "hue": 0}}, x, y, mean=(0, 0, 0), std=(1, 1, 1))
+    ratio = (out * 255 / x.float()).flatten(1)
+    assert torch.allclose(ratio.min(1).values, ratio.max(1).values, atol=1e-4)  # one factor per image
+    assert ratio.min() >= 0.7 - 1e-4 and ratio.max() <= 1.3 + 1e-4 and ratio[:, 0].std() > 0.05
+    hue_out, _ = _run({"color_jitter": {"brightness": 0, "contrast": 0, "saturation": 0, "hue": 0.2}}, x, y)
+    luma = torch.tensor(A.GRAY_WEIGHTS).view(1, 3, 1, 1)
+    back = hue_out * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+    # YIQ hue rotation keeps luma (up to clamping, rare on mid-range pixels)
+    assert ((back * luma).sum(1) - (x.float() / 255 * luma).sum(1)).abs().median() < 1e-3
+
+
+def test_grayscale_images() -> None:
+    x, y = _batch(c=1)
+    cfg = {"hflip": True, "crop": True, "rotation": True, "color_jitter": True, "erasing": True}
+    out, _ = _run(cfg, x, y, mean=(0.5,), std=(0.2,))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("cfg", [{"erasing": {"p": 1.0}}, {"cutout": {"size": 5, "p": 1.0}}])
+def test_erasing_writes_a_rectangle(cfg: dict[str, Any]) -> None:
+    x, y = _batch()
+    x = x.clamp(1, 254)  # no pixel normalises to exactly 0 by chance
+    out, _ = _run(cfg, x, y, mean=(0, 0, 0), std=(1, 1, 1))
+    changed = out != normalize(x, (0, 0, 0), (1, 1, 1))
+    for i in range(len(x)):
+        mask = changed[i].all(0)
+        assert (changed[i].any(0) == mask).all() and mask.any()  # every channel, same pixels
+        rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
+        box = torch.zeros_like(mask)
+        box[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = True
+        assert torch.equal(mask, box) and (out[i][:, mask] == 0).all()
+        if "cutout" in cfg:
+            assert len(rows) <= 5 and len(cols) <= 5
+
+
+def test_erasing_p_zero_is_identity() -> None:
+    x, y = _batch()
+    assert torch.equal(_run({"erasing": {"p": 0.0}, "cutout": {"p": 0.0}}, x, y)[0], normalize(x, MEAN, STD))
+
+
+def test_mixup_blends_with_reversed_batch() -> None:
+    x, _ = _batch()
+    y = torch.arange(16) % K
+    out, target = _run({"mixup": {"alpha": 0.4}}, x, y)
+    assert torch.allclose(target.sum(1), torch.ones(16)) and (target >= 0).all()
+    ref = normalize(x, MEAN, STD)
+    for i in range(16):
+        if y[i] == y.flip(0)[i]:
+            continue
+        lam = target[i, y[i]]
+        assert torch.allclose(out[i], lam * ref[i] + (1 - lam) * ref.flip(0)[i], atol=1e-4)
+
+
+def test_cutmix_targets_match_pasted_area() -> None:
+    x, _ = _batch()
+    y = torch.arange(16) % K
+    out, target = _run({"cutmix": {"alpha": 1.0}}, x, y)
+    ref = normalize(x, MEAN, STD)
+    for i in range(16):
+        if y[i] == y.flip(0)[i]:
+            continue
+        own = (out[i] == ref[i]).all(0).float().mean()
+        assert torch.isclose(target[i, y[i]], own, atol=1e-6)
+
+
+def test_mixup_and_cutmix_choose_one_per_batch() -> None:
+    x, y = _batch()
+    cfg = {"mixup": True, "cutmix": True}
+    ref = normalize(x, MEAN, STD)
+    kinds = set()
+    for seed in range(8):
+        out, target = _run(cfg, x, y, seed=seed)
+        assert torch.allclose(target.sum(1), torch.ones(16))
+        exact = (out == ref).all(1).flatten(1).float().mean(1)  # pixels untouched, per image
+        kinds.add("cutmix" if (exact > 0.01).all() else "mixup")
+    assert kinds == {"mixup", "cutmix"}
+
+
+def test_beta_sampler_moments() -> None:
+    g = torch.Generator().manual_seed(0)
+    for alpha in (0.4, 1.0, 3.0):
+        lam = A._beta(g, 20000, alpha, torch.device("cpu"))
+        assert lam.min() >= 0 and lam.max() <= 1
+        assert abs(lam.mean() - 0.5) < 0.02
+        assert abs(lam.var() - 1 / (4 * (2 * alpha + 1))) < 0.01
+
+
+def test_order_is_fixed_whatever_the_key_order() -> None:
+    x, y = _batch()
+    cfg = {"color_jitter": True, "erasing": True, "rotation": True, "hflip": True, "crop": True, "mixup": True}
+    forward, _ = _run(cfg, x, y)
+    backward, _ = _run(dict(reversed(list(cfg.items()))), x, y)
+    assert torch.equal(forward, backward)
+    aug = build_augment(cfg, mean=MEAN, std=STD, num_classes=K)
+    assert [type(op).__name__ for op in aug.ops] == ["Flip", "Shift", "Rotate", "ColorJitter", "Erase", "Mix"]
+
+
+def test_off_values_and_defaults() -> None:
+    x, y = _batch()
+    assert torch.equal(_run({"hflip": False, "rotation": None}, x, y)[0], normalize(x, MEAN, STD))
+    assert AUGMENTS.defaults("crop") == {"padding": 4, "padding_mode": "reflect"}
+    assert set(AUGMENTS.hyperparameters("color_jitter")) == {"brightness", "contrast", "saturation", "hue"}
+
+
+def test_unknown_name_lists_available() -> None:
+    with pytest.raises(UnknownNameError) as err:
+        build_augment({"hflp": True}, mean=MEAN, std=STD, num_classes=K)
+    msg = str(err.value)
+    assert "unknown augmentation 'hflp'" in msg and "did you mean 'hflip'" in msg
+    assert "available: " + ", ".join(sorted(AUGMENTS)) in msg
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"rotation": {"degrees": -3}}, "degrees: must be in [0, 180], got -3"),
+    ({"hflip": {"p": 1.5}}, "p: must be in [0, 1], got 1.5"),
+    ({"crop": {"padding": -1}}, "padding: must be >= 0, got -1"),
+    ({"crop": {"padding": 2.5}}, "padding: must be an integer"),
+    ({"crop": {"padding_mode": "wrap"}}, "padding_mode: must be one of reflect, zeros"),
+    ({"color_jitter": {"hue": 0.7}}, "hue: must be in [0, 0.5]"),
+    ({"color_jitter": {"brightness": "lots"}}, "brightness: must be a finite number"),
+    ({"erasing": {"scale": [0.5, 0.1]}}, "scale: must satisfy 0 <= min <= max <= 1"),
+    ({"erasing": {"ratio": 2}}, "ratio: must be a pair"),
+    ({"cutout": {"size": 0}}, "size: must be >= 1"),
+    ({"mixup": {"alpha": 0}}, "alpha: must be > 0"),
+    ({"translate": {"max_px": True}}, "max_px: must be an integer"),
+    ({"crop": {"pad": 4}}, "pad: not a hyperparameter of augmentation 'crop'; available: padding, padding_mode"),
+    ({"hflip": 3}, "hflip: expected true, false, null or a mapping"),
+])
+def test_bad_hyperparameters_name_the_key(cfg: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        build_augment(cfg, mean=MEAN, std=STD, num_classes=K)
+    assert message in str(err.value)
+
+
+def test_input_checks() -> None:
+    aug = build_augment({"hflip": True}, mean=MEAN, std=STD, num_classes=K)
+    with pytest.raises(ValueError, match="expected uint8"):
+        aug(torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.int64), torch.Generator())
+    with pytest.raises(ValueError, match="std"):
+        build_augment({}, mean=MEAN, std=(0.1, 0.0, 0.1), num_classes=K)
+
+
+def test_realistic_batch_runs_fast_enough() -> None:
+    """Smoke-level speed guard (the real benchmark is separate): far above per-image PIL speeds."""
+    x = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8)
+    y = torch.randint(0, K, (256,))
+    cfg = {"hflip": True, "crop": {"padding": 4}, "color_jitter": True, "rotation": {"degrees": 15}}
+    aug = build_augment(cfg, mean=MEAN, std=STD, num_classes=K)
+    g = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a Ray trial; 2 OpenMP threads on a busy 2-core box can stall
+    try:
+        aug(x, y, g)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            aug(x, y, g)
+        images_per_s = 5 * 256 / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    assert images_per_s > 5000, f"{images_per_s:.0f} images/s"

@@ -1,0 +1,122 @@
+"""report: plots and report.md from a hand-built experiment (no Ray, no training), with and without retrain."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from cifar_tune.cli import main
+from cifar_tune.report import build_report, is_log_scale, survival_counts, varying_config_columns
+from cifar_tune.results import Experiment, TrialLog
+from cifar_tune.retrain import leaderboard_markdown, ranking_rule, retrain_frame, write_retrain_table
+from cifar_tune.spec import load_spec
+
+SMOKE = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
+PNG = b"\x89PNG\r\n\x1a\n"
+SEARCH_PLOTS = ("report_val_curves.png", "report_rung_survival.png", "report_hyperparameters.png", "report_optimizers.png")
+RETRAIN_PLOTS = ("report_per_class.png", "report_confusion.png")
+
+
+def _config(i: int) -> dict:
+    opt = {"name": "sgd", "lr": 0.01 * (i + 1), "momentum": 0.9} if i % 2 else {"name": "adam", "lr": 0.001 * (i + 1)}
+    model = {"family": "lenet", "channels": [4 * (i % 2 + 1), 8]} if i % 3 else {"family": "mlp", "hidden": [32]}
+    return {"model": model, "optimizer": opt, "schedule": {"name": "cosine"}, "augment": {"hflip": True}, "train": {"batch_size": 64}}
+
+
+def make_experiment(root: Path, name: str = "hand") -> Experiment:
+    """Six trials through the real TrialLog: ASHA-like stops at epochs 1 and 2, one diverged, one error."""
+    spec = load_spec(SMOKE)
+    exp = Experiment(str(root), name)
+    exp.write_text("spec.yaml", yaml.safe_dump({"spec": spec.to_dict(), "meta": {}}, sort_keys=False))
+    log = TrialLog(exp, metric="val_acc", mode="max", max_epochs=3, flush_every_s=1e9)
+    plan = {0: (3, None), 1: (1, None), 2: (2, None), 3: (3, None), 4: (1, "diverged"), 5: (0, "error")}
+    for i, (epochs, fate) in plan.items():
+        tid = f"t{i:04d}"
+        log.add_pending(tid, i, _config(i), 1000 + i)
+        log.trial_started(tid, _config(i))
+        for e in range(1, epochs + 1):
+            log.trial_result(tid, {"epoch": e, "train_loss": 1.0 / e, "train_acc": 0.3 + 0.1 * e, "val_loss": 1.2 / e,
+                                   "val_acc": 0.3 + 0.05 * e + 0.01 * i, "val_top5": 1.0, "epoch_time_s": 0.1})
+        if fate == "error":
+            log.trial_errored(tid, "ValueError: boom")
+        else:
+            log.trial_finished(tid, {"status": fate} if fate else {})
+    log.flush(force=True)
+    return exp
+
+
+def add_retrain(exp: Experiment) -> pd.DataFrame:
+    rows = []
+    for rank, tid in ((1, "t0003"), (2, "t0000")):
+        for seed in (0, 1):
+            cm = np.diag([70, 60, 50, 40 + seed]) + 5
+            rows.append({"trial_id": tid, "rank": rank, "seed": seed, "torch_seed": 10 * rank + seed, "epochs": 5, "epochs_run": 5,
+                         "params": 1000, "test_acc": 0.7 - 0.1 * rank + 0.01 * seed, "test_top5": 1.0, "test_loss": 0.5,
+                         "per_class_acc": list((cm.diagonal() / cm.sum(1)).astype(float)), "confusion": cm.tolist(),
+                         "num_test_images": int(cm.sum()), "train_time_s": 1.0, "wall_time_s": 1.5, "status": "completed",
+                         "checkpoint": None, "config": json.dumps(_config(int(tid[1:]))), "rank_by": "best",
+                         "search_status": "completed", "search_epochs_run": 3, "search_best_val_acc": 0.5, "search_last_val_acc": 0.5})
+    df = retrain_frame(rows, "val_acc")
+    write_retrain_table(exp, df)
+    exp.write_text("leaderboard.md", leaderboard_markdown(df, experiment=exp.name, metric="val_acc",
+                                                          rule=ranking_rule("val_acc", "max", "best"), epochs=5))
+    return df
+
+
+def test_report_without_retrain(tmp_path: Path) -> None:
+    exp = make_experiment(tmp_path)
+    text = build_report(exp, out=lambda s: None)
+    assert "Retrain has not run yet" in text
+    assert "| 1 | t0003 |" in text  # top of the search leaderboard by the ranking rule
+    for png in SEARCH_PLOTS:
+        assert (tmp_path / "hand" / png).read_bytes()[:8] == PNG, png
+        assert f"({png})" in text
+    for png in RETRAIN_PLOTS:
+        assert not (tmp_path / "hand" / png).exists()
+
+
+def test_report_with_retrain(tmp_path: Path) -> None:
+    exp = make_experiment(tmp_path)
+    add_retrain(exp)
+    text = build_report(exp, out=lambda s: None)
+    assert "Retrain has not run" not in text
+    assert "Retrain leaderboard" in text and "0.6050 ± 0.0071" in text  # t0003: 0.60 and 0.61
+    assert "Per-class test accuracy of the top config (t0003, mean over 2 seeds)" in text
+    assert "All classes, best first: class_0" in text  # synthetic class names come from the data set
+    for png in SEARCH_PLOTS + RETRAIN_PLOTS:
+        assert (tmp_path / "hand" / png).read_bytes()[:8] == PNG, png
+    assert (tmp_path / "hand" / "report.md").read_text() == text
+
+
+def test_retrain_parquet_keeps_nested_lists(tmp_path: Path) -> None:
+    exp = make_experiment(tmp_path)
+    add_retrain(exp)
+    df = pd.read_parquet(tmp_path / "hand" / "retrain.parquet")
+    assert len(df["per_class_acc"].iloc[0]) == 4
+    assert np.stack(df["confusion"].iloc[0]).shape == (4, 4)
+
+
+def test_report_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_experiment(tmp_path)
+    assert main(["report", "--storage", str(tmp_path)]) == 0  # the most recent experiment
+    assert "report.md" in capsys.readouterr().out
+    assert main(["report", "missing", "--storage", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing" in err[0]
+
+
+def test_varying_columns_survival_and_log_scale(tmp_path: Path) -> None:
+    trials = make_experiment(tmp_path).read_table("trials.parquet")
+    cols = varying_config_columns(trials)
+    assert "config.optimizer.lr" in cols and "config.model.family" in cols and "config.optimizer.name" in cols
+    assert "config.schedule.name" not in cols and "config.train.batch_size" not in cols  # constants
+    assert survival_counts(trials, 3) == [5, 3, 2]  # the errored trial never finished an epoch
+    assert is_log_scale("config.optimizer.lr", pd.Series([0.001, 0.002]))
+    assert is_log_scale("config.optimizer.weight_decay", pd.Series([1e-5, 1e-3]))
+    assert is_log_scale("config.x", pd.Series([1.0, 1000.0]))
+    assert not is_log_scale("config.train.batch_size", pd.Series([32.0, 128.0]))

@@ -1,0 +1,155 @@
+"""`cifar-tune search` end to end on Ray: ASHA, failures, divergence, resume, parquet files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import yaml
+
+from cifar_tune import data as data_mod
+from cifar_tune.cli import main
+from cifar_tune.spec import parse_spec
+
+pytestmark = pytest.mark.ray
+
+SPEC: dict[str, Any] = {
+    "name": "e2e",
+    "data": {"dataset": "synthetic", "synthetic": {"num_train": 600, "num_test": 100, "num_classes": 4, "image_size": 16}},
+    "search": {
+        "num_samples": 2, "max_concurrent": 2, "algorithm": "random", "seed": 1,
+        "scheduler": {"name": "asha", "max_epochs": 4, "grace_period": 1, "reduction_factor": 2},
+        "resources": {"cpus_per_trial": 1},
+    },
+    "space": {
+        "model": {"family": "lenet", "channels": [4, 8], "padding": 2, "hidden": [16]},
+        # t0000 and t0004 diverge (lr 1e30 overflows to a non-finite loss); the others learn at different speeds
+        "optimizer": {"grid": [
+            {"name": "sgd", "lr": 1.0e30, "momentum": 0.9},
+            {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+            {"name": "adam", "lr": 3.0e-3},
+            {"name": "sgd", "lr": 0.001},
+        ]},
+        "schedule": {"name": "none"},
+        "augment": {"hflip": True},
+        "train": {"batch_size": 32},
+    },
+}
+
+
+def _run(spec: dict[str, Any], storage: Path, *extra: str, env: dict[str, str] | None = None,
+         timeout_s: float = 240) -> subprocess.CompletedProcess[str]:
+    path = storage / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    cmd = [sys.executable, "-m", "cifar_tune", "search", str(path), "--storage", str(storage), "--no-dashboard",
+           "--num-cpus", "2", "--progress-every", "1", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env={**os.environ, **(env or {})})
+
+
+def _frames(storage: Path, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return pd.read_parquet(storage / name / "trials.parquet"), pd.read_parquet(storage / name / "epochs.parquet")
+
+
+def _check_consistent(trials: pd.DataFrame, epochs: pd.DataFrame) -> None:
+    """epochs.parquet and trials.parquet tell the same story."""
+    assert trials["trial_id"].is_unique
+    for row in trials.itertuples():
+        ep = epochs[epochs.trial_id == row.trial_id]
+        assert len(ep) == row.epochs_run, row.trial_id
+        assert list(ep.epoch) == list(range(1, row.epochs_run + 1))
+        if row.status in ("completed", "stopped"):
+            assert ep.val_acc.max() == pytest.approx(row.best_val_acc)
+            assert ep.val_acc.iloc[-1] == pytest.approx(row.last_val_acc)
+
+
+def test_search_end_to_end_with_failures(tmp_path: Path) -> None:
+    spec = json.loads(json.dumps(SPEC))
+    spec["search"]["max_failures"] = 1
+    # t0001 raises at epoch 1 (recorded as error, search goes on);
+    # t0003's worker process dies at epoch 1 once (retried, then completes normally)
+    env = {"CIFAR_TUNE_FAULTS": "t0001=raise@1,t0003=exit@1", "CIFAR_TUNE_FAULT_DIR": str(tmp_path)}
+    proc = _run(spec, tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials, epochs = _frames(tmp_path, "e2e")
+    status = dict(zip(trials.trial_id, trials.status, strict=True))
+    assert len(trials) == 8  # grid of 4 optimizers x num_samples 2
+    assert status["t0000"] == status["t0004"] == "diverged"
+    assert status["t0001"] == "error"
+    assert "injected fault in t0001" in trials.set_index("trial_id").loc["t0001", "error"]
+    assert status["t0003"] in ("completed", "stopped")
+    assert trials.set_index("trial_id").loc["t0003", "attempts"] == 2
+    assert "stopped" in status.values()  # ASHA stopped at least one trial early
+    assert "completed" in status.values()
+    assert not set(status.values()) - {"completed", "stopped", "diverged", "error"}
+    ok = trials[trials.status.isin(["completed", "stopped"])]
+    _check_consistent(ok, epochs)
+    assert (ok.best_val_acc > 0.25).any()  # something learned above 4-class chance
+    assert (trials[trials.status == "completed"].epochs_run == 4).all()
+    assert (trials[trials.status == "stopped"].epochs_run < 4).all()
+    # the resolved spec with versions and the flattened config columns
+    stored = yaml.safe_load((tmp_path / "e2e" / "spec.yaml").read_text())
+    assert stored["meta"]["ray"] and stored["meta"]["torch"]
+    assert parse_spec(stored["spec"]).search.num_samples == 2
+    assert set(trials["config.optimizer.name"]) == {"sgd", "adam"}
+    assert "top 6 by best val_acc" in proc.stdout or "top" in proc.stdout
+    assert data_mod.test_loads == 0
+
+
+def test_second_search_with_same_name_refuses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "e2e").mkdir()
+    (tmp_path / "e2e" / "spec.yaml").write_text("spec: {}\n")
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(SPEC))
+    assert main(["search", str(path), "--storage", str(tmp_path), "--no-dashboard"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["search", str(path), "--storage", str(tmp_path), "--name", "other", "--resume"]) == 2
+    assert "no experiment 'other'" in capsys.readouterr().err
+
+
+def test_resume_after_killing_the_driver(tmp_path: Path) -> None:
+    spec = json.loads(json.dumps(SPEC))
+    spec["name"] = "killed"
+    spec["search"].update(num_samples=2, max_concurrent=1, scheduler={"name": "fifo", "max_epochs": 3})
+    spec["space"]["optimizer"] = {"name": "sgd", "lr": {"loguniform": [0.01, 0.1]}, "momentum": 0.9}
+    spec["search"]["num_samples"] = 5
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    cmd = [sys.executable, "-m", "cifar_tune", "search", str(path), "--storage", str(tmp_path), "--no-dashboard", "--num-cpus", "2"]
+    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    trials_path = tmp_path / "killed" / "trials.parquet"
+    deadline = time.monotonic() + 180
+    before = None
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        if trials_path.exists():
+            t = pd.read_parquet(trials_path)
+            if (t.status == "completed").sum() >= 2:
+                before = t
+                break
+    assert before is not None, "search did not finish two trials in time"
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray instance it started
+    driver.wait(timeout=30)
+    before = pd.read_parquet(trials_path)  # what was on disk when the driver died
+    finished_before = before[before.status == "completed"].set_index("trial_id")
+    print(f"before kill: {len(finished_before)} finished of {len(before)}")
+
+    proc = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{len(finished_before)} finished trials kept" in proc.stdout
+    after, epochs = _frames(tmp_path, "killed")
+    print(f"after resume: {(after.status == 'completed').sum()} finished of {len(after)}")
+    assert len(after) == 5 and after.trial_id.is_unique
+    assert (after.status == "completed").all()
+    kept = after.set_index("trial_id").loc[finished_before.index]
+    # finished trials were neither lost nor repeated: same results, same single attempt
+    assert (kept.best_val_acc == finished_before.best_val_acc).all()
+    assert (kept.started_at == finished_before.started_at).all()
+    _check_consistent(after, epochs)
