@@ -268,12 +268,11 @@ class TrialLog:
         for k in ("train_loss", "train_acc", "val_loss", "val_acc", "val_top5"):
             if metrics.get(k) is not None:
                 row[f"last_{k}"] = metrics[k]
-        if metrics.get(self.metric) is not None:
-            if self._better(metrics[self.metric], row.get(f"best_{self.metric}")):
-                # best_*: all validation metrics at the best epoch by the search metric
-                row["best_epoch"] = row["epochs_run"]
-                for k in ("val_acc", "val_loss", "val_top5"):
-                    row[f"best_{k}"] = metrics.get(k)
+        # best_*: all validation metrics at the best epoch by the search metric
+        if metrics.get(self.metric) is not None and self._better(metrics[self.metric], row.get(f"best_{self.metric}")):
+            row["best_epoch"] = row["epochs_run"]
+            for k in ("val_acc", "val_loss", "val_top5"):
+                row[f"best_{k}"] = metrics.get(k)
         self.flush()
 
     def trial_finished(self, trial_id: str, last: dict[str, Any]) -> None:

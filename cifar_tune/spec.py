@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -540,6 +540,12 @@ def parse_spec(raw: Any, source: str = "<spec>", *, check_budget: bool = True) -
     if problem := check_name(name):
         errors.add("", problem)
     data = parse_dataclass(DataSpec, raw.get("data"), "data", errors)
+    if data is not None:  # Ray runs trials in other working directories: make paths absolute now
+        data = replace(
+            data,
+            root=str(Path(data.root).expanduser().resolve()) if data.root else None,
+            path=str(Path(data.path).expanduser().resolve()) if data.path else None,
+        )
     search = parse_dataclass(SearchSpec, raw.get("search"), "search", errors)
     constraints = parse_dataclass(ConstraintsSpec, raw.get("constraints"), "constraints", errors)
     retrain = parse_dataclass(RetrainSpec, raw.get("retrain"), "retrain", errors)

@@ -1,0 +1,65 @@
+"""`--address`: the same search on an existing two-node Ray cluster started with `ray start`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+RAY = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _kill_cluster(port: int) -> None:
+    """Stop only this cluster (``ray stop`` would stop every Ray instance on the machine)."""
+    subprocess.run(["pkill", "-9", "-f", f"gcs_server_port={port}|:{port}"], check=False)
+    time.sleep(1)
+
+
+@pytest.fixture
+def cluster() -> Iterator[str]:
+    port = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    ip = "127.0.0.1"
+    head = [RAY, "start", "--head", f"--port={port}", f"--node-ip-address={ip}", "--num-cpus=1",
+            "--include-dashboard=false", "--disable-usage-stats"]
+    worker = [RAY, "start", f"--address={ip}:{port}", f"--node-ip-address={ip}", "--num-cpus=1", "--disable-usage-stats"]
+    try:
+        subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run(worker, env=env, check=True, capture_output=True, timeout=120)
+        yield f"{ip}:{port}"
+    finally:
+        _kill_cluster(port)
+
+
+def test_search_runs_on_both_nodes_of_a_cluster(cluster: str, tmp_path: Path) -> None:
+    spec = yaml.safe_load((Path(__file__).parents[1] / "search_spaces" / "smoke.yaml").read_text())
+    spec["search"].update(num_samples=4, max_concurrent=2, scheduler={"name": "fifo", "max_epochs": 2})
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    proc = subprocess.run(
+        [sys.executable, "-m", "cifar_tune", "search", str(path), "--address", cluster, "--storage", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_AUTH_MODE": "token"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ": 2 node(s)" in proc.stdout and "Ray cluster at" in proc.stdout
+    trials = pd.read_parquet(tmp_path / "smoke" / "trials.parquet")
+    print(trials[["trial_id", "status", "node_id"]].to_string())
+    assert (trials.status == "completed").all()
+    assert trials.node_id.nunique() == 2  # trials ran on the head and on the worker node
