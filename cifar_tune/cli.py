@@ -149,6 +149,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from cifar_tune.bench import BenchOptions, markdown, run_bench, write_report
+
+    opts = BenchOptions(model=args.model, device=args.device, batch_size=args.batch_size, threads=args.threads,
+                        epoch_images=args.epoch_images, rounds=args.rounds, search=not args.no_search)
+    try:
+        report = run_bench(opts)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    command = "cifar-tune " + " ".join(sys.argv[1:]) if args.json else None
+    print(markdown(report, command))
+    if args.json:
+        print(f"wrote {args.json} and {write_report(report, args.json, command)}")
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------ parser
 
 
@@ -217,6 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate on these instead of the checkpoint's own data (a dataset name or an .npz file)")
     p.add_argument("--split", choices=("test", "trainval"), default="test", help="default: test")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("bench", help="measure training throughput against the hardware limit and Tune efficiency")
+    p.add_argument("--model", default="quickstart", help="quickstart, lenet or a model YAML (default: quickstart)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--threads", type=int, default=None, help="torch threads for rows a-d (default: all cores)")
+    p.add_argument("--epoch-images", type=int, default=8192, help="images per measured epoch (default 8192)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per variant (default 5)")
+    p.add_argument("--json", default=None, metavar="OUT", help="write OUT (JSON) and OUT with .md (tables)")
+    p.add_argument("--no-search", action="store_true", help="skip the Ray Tune search (row e)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

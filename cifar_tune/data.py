@@ -26,6 +26,7 @@ import zipfile
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -267,10 +268,25 @@ def _prepare_cifar(src: CifarSource, root: Path, download: bool) -> None:
             raise DataError(f"{bad} fails its md5 after extracting {archive}: {_placement_hint(src, root)}")
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """CIFAR batches are pickles; allow only what numpy arrays need, so a planted file cannot run code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+
+
 def _read_pickle(path: Path) -> dict:
     try:
         with open(path, "rb") as fh:
-            return pickle.load(fh, encoding="latin1")
+            return _ArrayUnpickler(fh, encoding="latin1").load()
     except (OSError, pickle.UnpicklingError, EOFError, ValueError) as err:
         raise DataError(f"cannot read {path}: {_one_line(err)}") from err
 

@@ -292,13 +292,12 @@ def run_search(
     from cifar_tune.trial import TrialSetup
 
     exp = Experiment(storage, name or spec.name)
+    data_mod.prepare(spec.data)  # download once, in the driver, before anything is written or started
     log, todo, next_index = _plan(spec, exp, resume, out)
     total = num_trials(spec)
     if not resume:
         exp.write_text("spec.yaml", yaml.safe_dump({"spec": spec.to_dict(), "meta": run_metadata()}, sort_keys=False))
     log.flush(force=True)
-
-    data_mod.prepare(spec.data)  # download once, in the driver, before any trial starts
     cluster = tuner.connect(address, dashboard=dashboard, num_cpus=num_cpus)
     _print_cluster(cluster, out)
     resources = tuner.trial_resources(spec.search.resources, cluster)

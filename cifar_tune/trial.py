@@ -7,6 +7,8 @@ The search runs this inside Ray workers (``tuner.py`` passes ``tune.report`` as 
 from __future__ import annotations
 
 import os
+import signal
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,7 +41,7 @@ FAULTS_ENV = "CIFAR_TUNE_FAULTS"
 
 def _inject_fault(trial_id: str, epoch: int) -> None:
     """Fault drills: ``CIFAR_TUNE_FAULTS="t0001=raise,t0003=exit@2"`` makes trial t0001 raise at
-    its first epoch and the worker process of t0003 die (as if SIGKILLed) at epoch 2. Used by the
+    its first epoch and the worker process of t0003 be SIGKILLed at epoch 2 (once). Used by the
     tests to prove failures are recorded and retried; it does nothing unless the variable is set.
     """
     for item in filter(None, os.environ.get(FAULTS_ENV, "").split(",")):
@@ -52,7 +54,7 @@ def _inject_fault(trial_id: str, epoch: int) -> None:
                 marker = os.path.join(os.environ.get("CIFAR_TUNE_FAULT_DIR", "/tmp"), f"{trial_id}.fault-fired")
                 if not os.path.exists(marker):
                     open(marker, "w").close()
-                    os._exit(1)
+                    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run_trial(
@@ -65,6 +67,7 @@ def run_trial(
     forbid_test: bool = True,
 ) -> FitResult:
     """Train one config on the train split, reporting validation metrics after every epoch."""
+    t0 = time.perf_counter()
     if forbid_test:
         data_mod.forbid_test()  # a search must never see the test split
     device = torch.device(device) if device is not None else default_device()
@@ -74,10 +77,13 @@ def run_trial(
     torch.manual_seed(seed)
     model = build_model(config["model"], num_classes=info.num_classes, in_channels=info.channels, image_size=info.image_size)
     params = model_info(model, in_channels=info.channels, image_size=info.image_size)["params"]
+    # data, model and seeds ready: what a trial costs before its first step (``cifar-tune bench`` reads it)
+    setup_time_s = time.perf_counter() - t0
 
     def on_epoch(metrics: dict[str, Any]) -> None:
         _inject_fault(trial_id, int(metrics["epoch"]))
-        report({**metrics, "trial_id": trial_id, "params": params, "status": metrics.get("status", "running")})
+        report({**metrics, "trial_id": trial_id, "params": params, "setup_time_s": setup_time_s,
+                "status": metrics.get("status", "running")})
 
     try:
         return fit(
