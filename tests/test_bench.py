@@ -1,0 +1,79 @@
+"""`cifar-tune bench` machinery on tiny sizes (no timing assertions), and torch.compile training on CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from cifar_tune import bench
+from cifar_tune.cli import main
+from cifar_tune.data import Split
+from cifar_tune.models import build_model
+from cifar_tune.train import fit
+
+TINY = bench.BenchOptions(model="lenet", batch_size=32, epoch_images=128, rounds=1, augment_images=64, search=False)
+
+
+def _positive(v: float) -> bool:
+    return math.isfinite(v) and v > 0
+
+
+def test_throughput_report_has_every_row_and_sane_numbers(tmp_path: Path) -> None:
+    report = bench.run_bench(TINY, out=lambda line: None)
+    assert set(report["rows"]) == {"a", "b", "c", "d_batched", "d_batched_1t", "d_per_image"}
+    for key, row in report["rows"].items():
+        assert len(row["samples"]) == TINY.rounds, key
+        assert _positive(row["images_per_s"]), key
+    assert set(report["ratios"]) == {"b_over_a", "b_over_c", "d_batched_over_per_image", "d_batched_1t_over_per_image"}
+    assert all(_positive(v) for v in report["ratios"].values())
+    assert {t["metric"] for t in report["targets"]} == {"b_over_a", "b_over_c", "d_batched_over_per_image"}
+    md = bench.write_report(report, tmp_path / "bench.json", "cifar-tune bench --model lenet")
+    assert json.loads((tmp_path / "bench.json").read_text())["command"] == "cifar-tune bench --model lenet"
+    text = md.read_text()
+    for key in report["rows"]:
+        assert f"| {key} |" in text
+
+
+def test_search_efficiency_from_records() -> None:
+    # two slots, four trials: t0/t1 on fresh workers (pids 1, 2), t2/t3 reuse them
+    trials = pd.DataFrame({
+        "trial_id": ["t0", "t1", "t2", "t3"],
+        "started_at": [0.0, 0.0, 2.5, 2.2],
+        "ended_at": [2.4, 2.0, 4.5, 4.4],
+        "train_time_s": [2.0, 2.0, 1.8, 2.0],
+    })
+    epochs = pd.DataFrame({"trial_id": ["t0", "t0", "t1", "t1", "t2", "t2", "t3", "t3"], "epoch_time_s": [1.0] * 8})
+    ray = {t: [{"pid": pid, "time_this_iter_s": 1.3, "epoch_time_s": 1.0, "setup_time_s": 0.1}]
+           for t, pid in (("t0", 1), ("t1", 2), ("t2", 1), ("t3", 2))}
+    s = bench.search_efficiency(trials, epochs, ray, slots=2)
+    assert s["wall_s"] == pytest.approx(4.5)
+    assert s["efficiency"] == pytest.approx(7.8 / 9.0)
+    assert (s["fresh_workers"], s["reused_starts"]) == (2, 2)
+    assert s["reused_gap_s"] == pytest.approx(0.15)  # t2: 2.5 - 2.4, t3: 2.2 - 2.0
+    assert s["reused_worker_start_s"] == pytest.approx(0.3)
+    assert s["reused_start_max_s"] == pytest.approx(0.2 + 0.2)  # t3: gap 0.2 + 4.4 - 2.2 - 2.0
+
+
+def test_model_argument() -> None:
+    assert bench.model_config("lenet")["family"] == "lenet"
+    assert main(["bench", "--model", "no-such-model.yaml", "--no-search"]) == 2
+
+
+@pytest.mark.slow
+def test_compile_trains_on_cpu() -> None:
+    """``train.compile: true`` must work without a GPU (inductor's C++ backend)."""
+    x = torch.randint(0, 256, (128, 3, 16, 16), dtype=torch.uint8)
+    y = torch.arange(128) % 4
+    config = {"optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}, "augment": {"hflip": True},
+              "train": {"batch_size": 32, "compile": True}}
+    model = build_model({"family": "lenet", "channels": [4, 8], "padding": 2, "hidden": [16]}, num_classes=4,
+                        image_size=16)
+    result = fit(model, Split(x, y), Split(x[:32], y[:32]), config, epochs=2, num_classes=4,
+                 mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), device="cpu")
+    assert result.status == "completed" and result.epochs_run == 2
+    assert all(math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"]) for h in result.history)

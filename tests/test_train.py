@@ -1,0 +1,127 @@
+"""The training loop: learns, reports, diverges cleanly, evaluates, reproducible; fast paths on CPU."""
+
+from __future__ import annotations
+
+import math
+import traceback
+from typing import Any
+
+import pytest
+import torch
+
+from cifar_tune import data as data_mod
+from cifar_tune.models import build_model
+from cifar_tune.spec import DataSpec, SyntheticSpec
+from cifar_tune.train import evaluate, fit
+from cifar_tune.trial import TrialSetup, run_trial
+
+DATA = DataSpec(dataset="synthetic", synthetic=SyntheticSpec(num_train=1500, num_test=300, num_classes=4, image_size=16))
+CNN = {"family": "vgg", "blocks": [{"channels": [16]}, {"channels": [32]}, {"channels": [64]}], "head": [], "global_pool": "avg"}
+CONFIG: dict[str, Any] = {
+    "optimizer": {"name": "adam", "lr": 3e-3},
+    "schedule": {"name": "cosine"},
+    "augment": {"hflip": True, "crop": {"padding": 2}},
+    "train": {"batch_size": 64},
+}
+
+
+def _run(config: dict[str, Any], epochs: int = 3, seed: int = 0, **kw: Any) -> tuple[Any, list[dict[str, float]]]:
+    info = data_mod.dataset_info(DATA)
+    train, val = data_mod.load_splits(DATA)
+    torch.manual_seed(seed)
+    model = build_model(CNN, num_classes=info.num_classes, in_channels=info.channels, image_size=info.image_size)
+    seen: list[dict[str, float]] = []
+    result = fit(model, train, val, config, epochs=epochs, num_classes=info.num_classes, mean=info.mean, std=info.std,
+                 seed=seed, device="cpu", on_epoch=seen.append, **kw)
+    return result, seen
+
+
+def test_small_cnn_learns_synthetic_data_well_above_chance() -> None:
+    result, seen = _run(CONFIG, epochs=4)
+    assert result.status == "completed" and result.epochs_run == 4
+    assert [m["epoch"] for m in seen] == [1, 2, 3, 4]
+    for m in seen:
+        assert set(m) >= {"train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "epoch_time_s", "images_per_s"}
+        assert m["images_per_s"] > 0 and m["epoch_time_s"] > 0
+    assert seen[-1]["val_acc"] > 0.5  # chance is 0.25 for 4 classes
+    assert seen[-1]["train_loss"] < seen[0]["train_loss"]
+    assert seen[-1]["lr"] < seen[0]["lr"]  # the cosine schedule decays
+
+
+def test_non_finite_loss_stops_with_status_diverged() -> None:
+    config = {**CONFIG, "optimizer": {"name": "sgd", "lr": 1e30, "momentum": 0.9}}
+    result, seen = _run(config, epochs=5)
+    assert result.status == "diverged"
+    assert result.epochs_run < 5 and seen[-1]["status"] == "diverged"
+    assert not math.isfinite(seen[-1]["train_loss"])
+
+
+def test_training_is_reproducible_on_cpu() -> None:
+    _, a = _run(CONFIG, epochs=2, seed=7)
+    _, b = _run(CONFIG, epochs=2, seed=7)
+    _, c = _run(CONFIG, epochs=2, seed=8)
+    assert [m["train_loss"] for m in a] == [m["train_loss"] for m in b]
+    assert [m["val_acc"] for m in a] == [m["val_acc"] for m in b]
+    assert [m["train_loss"] for m in a] != [m["train_loss"] for m in c]
+
+
+@pytest.mark.parametrize("train_opts", [
+    {"precision": "bf16"},
+    {"channels_last": True},
+    {"grad_clip_norm": 0.5, "label_smoothing": 0.1},
+], ids=["bf16-autocast", "channels-last", "clip+smoothing"])
+def test_fast_paths_work_on_cpu(train_opts: dict[str, Any]) -> None:
+    result, seen = _run({**CONFIG, "train": {"batch_size": 64, **train_opts}}, epochs=2)
+    assert result.status == "completed"
+    assert seen[-1]["val_acc"] > 0.35 and math.isfinite(seen[-1]["train_loss"])
+
+
+def test_mixup_soft_targets_train() -> None:
+    result, seen = _run({**CONFIG, "augment": {"hflip": True, "mixup": {"alpha": 0.4}}}, epochs=2)
+    assert result.status == "completed" and math.isfinite(seen[-1]["train_loss"])
+
+
+def test_no_host_sync_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading a value back to Python happens a few times per epoch, never once per batch."""
+    calls = {"item": 0}
+    real_item = torch.Tensor.item
+
+    def counting_item(self: torch.Tensor) -> Any:
+        # only our code counts: torch.optim's Adam reads its step counter, a host-side CPU scalar
+        # even on CUDA (not a device sync), with .item()
+        caller = traceback.extract_stack(limit=2)[0].filename
+        if "cifar_tune" in caller:
+            calls["item"] += 1
+        return real_item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    result, _ = _run({**CONFIG, "train": {"batch_size": 16}}, epochs=2)  # 75 steps per epoch
+    assert result.status == "completed"
+    assert calls["item"] <= 2 * 8, calls
+
+
+def test_evaluate_returns_per_class_accuracy_and_confusion() -> None:
+    info = data_mod.dataset_info(DATA)
+    _, val = data_mod.load_splits(DATA)
+    model = build_model(CNN, num_classes=4, in_channels=3, image_size=16)
+    ev = evaluate(model, val, mean=info.mean, std=info.std, num_classes=4, device="cpu", batch_size=100)
+    cm = torch.tensor(ev.confusion)
+    assert cm.shape == (4, 4) and int(cm.sum()) == len(val) == ev.num_images
+    assert ev.top1 == pytest.approx(float(cm.diag().sum()) / len(val))
+    per_class = cm.diag().double() / cm.sum(1).double()
+    assert ev.per_class_acc == pytest.approx(per_class.tolist())
+    assert ev.top1 <= ev.top5 <= 1.0 and ev.loss > 0
+
+
+def test_trial_reports_every_epoch_and_forbids_the_test_split() -> None:
+    reports: list[dict[str, Any]] = []
+    setup = TrialSetup(data=DATA, epochs=2, seed=0)
+    try:
+        result = run_trial({"model": CNN, **CONFIG}, setup, trial_id="t0042", report=reports.append, device="cpu")
+        assert result.status == "completed"
+        assert [r["epoch"] for r in reports] == [1, 2]
+        assert all(r["trial_id"] == "t0042" and r["params"] > 0 for r in reports)
+        with pytest.raises(data_mod.TestSplitForbidden):
+            data_mod.load_test(DATA)
+    finally:
+        data_mod.allow_test()
