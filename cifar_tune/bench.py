@@ -376,8 +376,8 @@ def _ray_results(exp_dir: Path) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for path in exp_dir.glob("ray/*/*/result.json"):
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if rows:
-            out[rows[0]["trial_id"]] = rows
+        if rows:  # Ray's "trial_id" overrides ours in the result; ours is in the config
+            out[rows[0]["config"]["trial_id"]] = rows
     return out
 
 
