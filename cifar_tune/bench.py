@@ -489,6 +489,11 @@ def run_bench(opts: BenchOptions, out: Callable[[str], None] = print) -> dict[st
     return report
 
 
+def run_benches(opts: list[BenchOptions], out: Callable[[str], None] = print) -> dict[str, Any]:
+    """One report per model, run one after the other in this process."""
+    return {"runs": [run_bench(o, out) for o in opts]}
+
+
 def _fmt(v: Any, digits: int = 2) -> str:
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "-"
@@ -496,6 +501,10 @@ def _fmt(v: Any, digits: int = 2) -> str:
 
 
 def markdown(report: dict[str, Any], command: str | None = None) -> str:
+    """The tables of one model's report, or of each run of ``run_benches``."""
+    if "runs" in report:
+        head = [f"command: `{command}`", ""] if command else []
+        return "\n".join(head + [f"### {r['options']['model']}\n\n{markdown(r)}" for r in report["runs"]])
     o = report["options"]
     lines = [f"model `{o['model']}`, device {o['device']}, batch {o['batch_size']}, {report['threads']} torch threads "
              f"for rows a-d, {o['epoch_images']} images per epoch, median of {o['rounds']} interleaved rounds; "

@@ -150,12 +150,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from cifar_tune.bench import BenchOptions, markdown, run_bench, write_report
+    from cifar_tune.bench import BenchOptions, markdown, run_benches, write_report
 
-    opts = BenchOptions(model=args.model, device=args.device, batch_size=args.batch_size, threads=args.threads,
-                        epoch_images=args.epoch_images, rounds=args.rounds, search=not args.no_search)
+    # several models: rows a-d for each, the search (row e) once, with the first model
+    opts = [BenchOptions(model=m, device=args.device, batch_size=args.batch_size, threads=args.threads,
+                         epoch_images=args.epoch_images, rounds=args.rounds, search=not args.no_search and i == 0)
+            for i, m in enumerate(args.model.split(","))]
     try:
-        report = run_bench(opts)
+        report = run_benches(opts)
     except ValueError as e:
         raise UserError(str(e)) from None
     command = "cifar-tune " + " ".join(sys.argv[1:]) if args.json else None
@@ -235,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench", help="measure training throughput against the hardware limit and Tune efficiency")
-    p.add_argument("--model", default="quickstart", help="quickstart, lenet or a model YAML (default: quickstart)")
+    p.add_argument("--model", default="quickstart", help="quickstart, lenet or a model YAML; several comma-separated (default: quickstart)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--threads", type=int, default=None, help="torch threads for rows a-d (default: all cores)")

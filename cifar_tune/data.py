@@ -93,6 +93,7 @@ class _Arrays:
 # test-split guard
 
 
+raw_loads: int = 0  # data sets read from disk/generated in this process (a reused worker stays at 1)
 test_loads: int = 0  # incremented by every successful load_test() call in this process
 _test_forbidden: bool = False
 
@@ -583,6 +584,8 @@ def _raw(data: DataSpec, train: bool) -> _Arrays:
     key = (entry.cache_key(data), train)
     with _lock:
         if key not in _raw_cache:
+            global raw_loads
+            raw_loads += 1
             _raw_cache[key] = entry.load(data, train)
         return _raw_cache[key]
 

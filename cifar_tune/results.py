@@ -30,7 +30,7 @@ DEFAULT_ROOT = "experiments"
 FINISHED = ("completed", "stopped", "diverged", "error", "oom")
 EPOCH_KEYS = (
     "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr",
-    "train_time_s", "epoch_time_s", "images_per_s", "status", "node_id",
+    "train_time_s", "epoch_time_s", "images_per_s", "status", "node_id", "pid", "worker_data_loads",
 )
 
 

@@ -83,7 +83,7 @@ def run_trial(
     def on_epoch(metrics: dict[str, Any]) -> None:
         _inject_fault(trial_id, int(metrics["epoch"]))
         report({**metrics, "trial_id": trial_id, "params": params, "setup_time_s": setup_time_s,
-                "status": metrics.get("status", "running")})
+                "status": metrics.get("status", "running"), "pid": os.getpid(), "worker_data_loads": data_mod.raw_loads})
 
     try:
         return fit(

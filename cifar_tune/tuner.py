@@ -102,15 +102,17 @@ def shutdown() -> None:
 # ---------------------------------------------------------------------------------------- search
 
 
-def _trainable(config: dict[str, Any], setup: Any) -> None:
-    """Runs in a Ray worker: the plain-PyTorch trial, reporting each epoch to Tune."""
+def cifar_tune_trial(config: dict[str, Any], setup: Any) -> None:
+    """Runs in a Ray worker: the plain-PyTorch trial, reporting each epoch to Tune.
+
+    Its name is what the Ray dashboard shows for the trial actors.
+    """
     from cifar_tune.trial import run_trial
 
     node_id = ray.get_runtime_context().get_node_id()
-    pid = os.getpid()
 
     def report(metrics: dict[str, Any]) -> None:
-        tune.report({**metrics, "node_id": node_id, "pid": pid})
+        tune.report({**metrics, "node_id": node_id})
 
     run_trial(config["config"], setup, trial_id=config["trial_id"], report=report)
 
@@ -217,7 +219,7 @@ def run_search(
     """Run the trials to completion; every outcome arrives through ``events``."""
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # our events print one line per failure
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(_trainable, setup=setup), resources),
+        tune.with_resources(tune.with_parameters(cifar_tune_trial, setup=setup), resources),
         tune_config=tune.TuneConfig(
             search_alg=_SourceSearcher(source, metric, mode),
             scheduler=make_scheduler(scheduler),

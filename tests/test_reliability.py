@@ -188,7 +188,7 @@ def test_paths_cannot_escape_the_storage_root(tmp_path: Path) -> None:
 
 
 @pytest.mark.ray
-def test_ctrl_c_stops_cleanly_and_resume_finishes(tmp_path: Path) -> None:
+def test_ctrl_c_stops_cleanly_and_resume_finishes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = _spec(name="interrupted")
     spec["search"].update(num_samples=6, max_concurrent=1, scheduler={"name": "fifo", "max_epochs": 3})
     spec["space"]["model"] = {"family": "lenet", "channels": [4, 8], "padding": 2, "hidden": [16]}
@@ -206,7 +206,8 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes(tmp_path: Path) -> None:
     out, _ = driver.communicate(timeout=120)
     before = pd.read_parquet(trials_path)
     finished = before[before.status == "completed"]
-    print(f"after Ctrl-C: {len(finished)} completed of {len(before)}; statuses {before.status.value_counts().to_dict()}")
+    with capsys.disabled():
+        print(f"\n  Ctrl-C test, after SIGINT: {len(finished)} completed of {len(before)}; {before.status.value_counts().to_dict()}")
     assert "--resume" in out, out[-2000:]  # tells the user how to continue
     assert 1 <= len(finished) < 6
     assert not (before.status == "running").any()  # nothing left claiming to run
@@ -214,7 +215,8 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes(tmp_path: Path) -> None:
     proc = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     after = pd.read_parquet(trials_path).set_index("trial_id")
-    print(f"after resume: {(after.status == 'completed').sum()} completed of {len(after)}")
+    with capsys.disabled():
+        print(f"  Ctrl-C test, after --resume: {(after.status == 'completed').sum()} completed of {len(after)}")
     assert len(after) == 6 and (after.status == "completed").all()
     assert (after.loc[finished.trial_id, "started_at"].to_numpy() == finished.started_at.to_numpy()).all()
 
