@@ -30,8 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchvision.datasets import CIFAR10, CIFAR100
-from torchvision.datasets.utils import check_integrity, download_url
 
 from cifar_tune.registry import Registry
 from cifar_tune.spec import DataSpec, SyntheticSpec
@@ -168,7 +166,7 @@ class CifarSource:
         return (*self.train_files, *self.test_files, self.meta_file)
 
 
-def _source_from(cls: type[CIFAR10], title: str, label_key: str, classes: tuple[str, ...],
+def _source_from(cls: Any, title: str, label_key: str, classes: tuple[str, ...],
                  mean: tuple[float, float, float], std: tuple[float, float, float]) -> CifarSource:
     # URLs and checksums come from torchvision so there is a single source of truth for them.
     return CifarSource(
@@ -188,16 +186,38 @@ def _source_from(cls: type[CIFAR10], title: str, label_key: str, classes: tuple[
     )
 
 
-CIFAR_SOURCES: dict[str, CifarSource] = {
-    "cifar10": _source_from(CIFAR10, "CIFAR-10", "labels", CIFAR10_CLASSES,
-                            (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": _source_from(CIFAR100, "CIFAR-100", "fine_labels", CIFAR100_CLASSES,
-                             (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
-}
+class _Sources(dict[str, CifarSource]):
+    """Filled from torchvision on first use: importing torchvision costs ~2 s in every fresh worker
+    process, and a search on synthetic or npz data never needs it."""
+
+    def __missing__(self, key: str) -> CifarSource:
+        from torchvision.datasets import CIFAR10, CIFAR100
+
+        if key == "cifar10":
+            src = _source_from(CIFAR10, "CIFAR-10", "labels", CIFAR10_CLASSES,
+                               (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+        elif key == "cifar100":
+            src = _source_from(CIFAR100, "CIFAR-100", "fine_labels", CIFAR100_CLASSES,
+                               (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))
+        else:
+            raise KeyError(key)
+        self[key] = src
+        return src
+
+
+CIFAR_SOURCES: dict[str, CifarSource] = _Sources()
+
+
+def check_integrity(path: str, md5: str) -> bool:
+    from torchvision.datasets.utils import check_integrity as tv_check_integrity
+
+    return tv_check_integrity(path, md5)
 
 
 def _download_archive(url: str, root: Path, filename: str, md5: str) -> None:
     """Fetch ``url`` to ``root/filename``; torchvision re-checks the md5 (tests replace this function)."""
+    from torchvision.datasets.utils import download_url
+
     download_url(url, str(root), filename=filename, md5=md5)
 
 

@@ -17,7 +17,7 @@ import yaml
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-RAY = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+RAY = shutil.which("ray", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}") or "ray"
 
 
 def _free_port() -> int:
