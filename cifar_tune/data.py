@@ -91,7 +91,7 @@ class _Arrays:
 # test-split guard
 
 
-raw_loads: int = 0  # data sets read from disk/generated in this process (a reused worker stays at 1)
+raw_loads: int = 0  # data sets read from disk/generated in this process (never more than 1 per split)
 test_loads: int = 0  # incremented by every successful load_test() call in this process
 _test_forbidden: bool = False
 
@@ -608,6 +608,19 @@ def _raw(data: DataSpec, train: bool) -> _Arrays:
             raw_loads += 1
             _raw_cache[key] = entry.load(data, train)
         return _raw_cache[key]
+
+
+def training_arrays(data: DataSpec) -> _Arrays:
+    """The training set as loaded (numpy, host memory). The search driver shares it with every worker
+    through Ray's object store, so a worker neither re-reads nor regenerates it."""
+    return _raw(data, train=True)
+
+
+def install_training_arrays(data: DataSpec, arrays: _Arrays) -> None:
+    """Seed this process's cache with arrays loaded elsewhere (read-only, zero-copy from Ray)."""
+    key = (_entry(data).cache_key(data), True)
+    with _lock:
+        _raw_cache.setdefault(key, arrays)
 
 
 def _cached(key: Hashable, build: Callable[[], object]) -> object:

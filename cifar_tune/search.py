@@ -330,6 +330,8 @@ def run_search(
                 num_trials=remaining, max_concurrent=max_concurrent, max_failures=spec.search.max_failures,
                 storage_path=exp.uri("ray"), run_name=run_name,
                 trial_names=lambda c: trial_label(c["trial_id"], c["config"]),
+                # loaded once here and shared zero-copy: workers skip reading/generating it
+                shared_data=data_mod.training_arrays(spec.data),
             )
     except KeyboardInterrupt:
         interrupted = True

@@ -102,12 +102,16 @@ def shutdown() -> None:
 # ---------------------------------------------------------------------------------------- search
 
 
-def cifar_tune_trial(config: dict[str, Any], setup: Any) -> None:
+def cifar_tune_trial(config: dict[str, Any], setup: Any, shared_data: Any = None) -> None:
     """Runs in a Ray worker: the plain-PyTorch trial, reporting each epoch to Tune.
 
     Its name is what the Ray dashboard shows for the trial actors.
     """
+    from cifar_tune import data as data_mod
     from cifar_tune.trial import run_trial
+
+    if shared_data is not None:  # the driver's copy of the training set, via the object store
+        data_mod.install_training_arrays(setup.data, shared_data)
 
     node_id = ray.get_runtime_context().get_node_id()
 
@@ -215,11 +219,12 @@ def run_search(
     storage_path: str,
     run_name: str,
     trial_names: Callable[[dict[str, Any]], str],
+    shared_data: Any = None,
 ) -> None:
     """Run the trials to completion; every outcome arrives through ``events``."""
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # our events print one line per failure
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(cifar_tune_trial, setup=setup), resources),
+        tune.with_resources(tune.with_parameters(cifar_tune_trial, setup=setup, shared_data=shared_data), resources),
         tune_config=tune.TuneConfig(
             search_alg=_SourceSearcher(source, metric, mode),
             scheduler=make_scheduler(scheduler),
