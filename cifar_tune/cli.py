@@ -115,10 +115,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     from cifar_tune.spec import load_spec
 
     spec = load_spec(args.spec, args.set)
-    run_search(
+    exp = run_search(
         spec, storage=args.storage, name=args.name, address=args.address, resume=args.resume,
         dashboard=not args.no_dashboard, num_cpus=args.num_cpus, progress_every_s=args.progress_every,
     )
+    trials = exp.read_table("trials.parquet")
+    if not trials["status"].isin(["completed", "stopped"]).any():
+        print("error: no trial finished training (see the error column of trials.parquet)", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -176,7 +180,11 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cifar-tune", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="cifar-tune",
+        description="Hyperparameter and architecture search for CIFAR-style image classification on Ray Tune.",
+        epilog="Exit codes: 0 ok, 1 the work failed, 2 a mistake in the input (one line per problem).",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("validate", help="check a spec; exit 0 if valid, 2 with every error if not")

@@ -616,6 +616,11 @@ def training_arrays(data: DataSpec) -> _Arrays:
     return _raw(data, train=True)
 
 
+def check_split(data: DataSpec) -> None:
+    """Raise DataError now if ``subset``/``val_fraction`` do not fit the training set (before any trial)."""
+    _split_indices(data, _raw(data, train=True).y)
+
+
 def install_training_arrays(data: DataSpec, arrays: _Arrays) -> None:
     """Seed this process's cache with arrays loaded elsewhere (read-only, zero-copy from Ray)."""
     key = (_entry(data).cache_key(data), True)

@@ -293,6 +293,7 @@ def run_search(
 
     exp = Experiment(storage, name or spec.name)
     data_mod.prepare(spec.data)  # download once, in the driver, before anything is written or started
+    data_mod.check_split(spec.data)  # a subset larger than the data set fails here, not in every trial
     log, todo, next_index = _plan(spec, exp, resume, out)
     total = num_trials(spec)
     if not resume:

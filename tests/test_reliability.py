@@ -278,3 +278,11 @@ def test_dashboard_binds_localhost_with_token_auth() -> None:
         assert e.value.code == 401  # no token, no dashboard
     finally:
         tuner.shutdown()
+
+
+def test_subset_larger_than_the_data_set_fails_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(_spec(data={"dataset": "synthetic", "subset": 99999})))
+    assert main(["search", str(path), "--storage", str(tmp_path / "exp"), "--no-dashboard"]) == 2
+    assert "data.subset=99999 must be in [1, 5000]" in capsys.readouterr().err
+    assert not (tmp_path / "exp").exists()
