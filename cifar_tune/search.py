@@ -269,9 +269,6 @@ def _plan(spec: Spec, exp: Experiment, resume: bool, out: Printer) -> tuple[Tria
             s = sampler.sample(i)
             log.add_pending(trial_id_for(i), i, s.config, s.params)
             todo.append((trial_id_for(i), s.config))
-        for tid, cfg in todo:
-            if tid not in log.rows:
-                log.add_pending(tid, int(tid[1:]), cfg, None)
     return log, todo, next_index
 
 
