@@ -189,11 +189,15 @@ def find_experiment(storage_root: str, name: str | None) -> Experiment:
 
 def run_metadata() -> dict[str, Any]:
     """Library versions and code revision, stored next to the resolved spec."""
-    import ray
-    import torch
-    import torchvision
+    from importlib.metadata import PackageNotFoundError, version
 
     import cifar_tune
+
+    def installed(dist: str) -> str | None:  # without importing it (Ray stays in tuner.py)
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return None
 
     rev = None
     try:
@@ -210,11 +214,7 @@ def run_metadata() -> dict[str, Any]:
         "cifar_tune": cifar_tune.__version__,
         "code_revision": rev,
         "python": platform.python_version(),
-        "torch": str(torch.__version__),
-        "torchvision": str(torchvision.__version__),
-        "ray": ray.__version__,
-        "pandas": pd.__version__,
-        "pyarrow": pa.__version__,
+        **{dist: installed(dist) for dist in ("torch", "torchvision", "ray", "pandas", "pyarrow", "optuna")},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "host": platform.node(),
     }

@@ -125,3 +125,20 @@ def test_trial_reports_every_epoch_and_forbids_the_test_split() -> None:
             data_mod.load_test(DATA)
     finally:
         data_mod.allow_test()
+
+
+def test_ray_lives_in_one_module() -> None:
+    """The engine and every command but search/retrain run without importing Ray."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import cifar_tune.train, cifar_tune.trial, cifar_tune.data, cifar_tune.augment, cifar_tune.models, "
+        "cifar_tune.optim, cifar_tune.spec, cifar_tune.space, cifar_tune.results, cifar_tune.search, cifar_tune.retrain, "
+        "cifar_tune.report\n"
+        "from cifar_tune.results import run_metadata; run_metadata()\n"
+        "assert 'ray' not in sys.modules, sorted(m for m in sys.modules if m.startswith('ray'))[:5]\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
