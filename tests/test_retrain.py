@@ -120,6 +120,7 @@ def retrained(searched: dict[str, Any]) -> dict[str, Any]:
     return {**searched, "code": code, "df": exp.read_table("retrain.parquet"), "dir": Path(exp.uri())}
 
 
+@pytest.mark.ray
 def test_search_never_reads_the_test_split_but_retrain_does(retrained: dict[str, Any]) -> None:
     # driver side: the search itself made no load_test call; the trials ran in Ray workers under
     # data.forbid_test() (see the next test), so a load_test there would have failed the trial
@@ -141,6 +142,7 @@ def test_trials_forbid_the_test_split() -> None:
         data.allow_test()  # this is the pytest process, not a throwaway worker
 
 
+@pytest.mark.ray
 def test_retrain_writes_one_row_per_trial_and_seed(retrained: dict[str, Any]) -> None:
     df = retrained["df"]
     assert retrained["code"] == 0
@@ -162,6 +164,7 @@ def test_retrain_writes_one_row_per_trial_and_seed(retrained: dict[str, Any]) ->
         assert df[col].notna().all(), col
 
 
+@pytest.mark.ray
 def test_retrain_picks_the_ranked_top(retrained: dict[str, Any]) -> None:
     trials = retrained["exp"].read_table("trials.parquet")
     expected = list(rank_trials(trials, metric="val_acc", mode="max")["trial_id"][:2])
@@ -169,6 +172,7 @@ def test_retrain_picks_the_ranked_top(retrained: dict[str, Any]) -> None:
     assert list(dict.fromkeys(df["trial_id"])) == expected
 
 
+@pytest.mark.ray
 def test_leaderboard_and_checkpoints(retrained: dict[str, Any]) -> None:
     board = (retrained["dir"] / "leaderboard.md").read_text()
     assert "±" in board and "Ranking rule" in board
@@ -183,6 +187,7 @@ def test_leaderboard_and_checkpoints(retrained: dict[str, Any]) -> None:
         assert path.name == f"{ckpt['trial_id']}_seed{ckpt['seed']}.pt"
 
 
+@pytest.mark.ray
 def test_evaluate_reproduces_the_test_accuracy(retrained: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     row = retrained["df"].iloc[0]
     path = retrained["dir"] / row["checkpoint"]
@@ -194,6 +199,7 @@ def test_evaluate_reproduces_the_test_accuracy(retrained: dict[str, Any], capsys
     assert "trainval (1,200 images)" in capsys.readouterr().out
 
 
+@pytest.mark.ray
 def test_evaluate_user_errors(retrained: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = retrained["dir"] / retrained["df"]["checkpoint"].iloc[0]
     cases = [
@@ -208,6 +214,7 @@ def test_evaluate_user_errors(retrained: dict[str, Any], tmp_path: Path, capsys:
         assert len(err) == 1 and err[0].startswith("error: "), err
 
 
+@pytest.mark.ray
 def test_top_too_large_and_missing_experiment_exit_2(searched: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     capsys.readouterr()
     assert main(["retrain", "--storage", searched["root"], "--top", "99"]) == 2
@@ -220,6 +227,7 @@ def test_top_too_large_and_missing_experiment_exit_2(searched: dict[str, Any], t
         assert len(err) == 1 and err[0].startswith("error: "), err
 
 
+@pytest.mark.ray
 def test_report_after_retrain(retrained: dict[str, Any]) -> None:
     assert main(["report", "--storage", retrained["root"]]) == 0
     text = (retrained["dir"] / "report.md").read_text()
