@@ -133,7 +133,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     exp = find_experiment(args.storage, args.experiment)
     df = run_retrain(
         exp, top=args.top, epochs=args.epochs, seeds=args.seeds, rank_by=args.rank_by,
-        address=args.address, num_cpus=args.num_cpus,
+        address=args.address, num_cpus=args.num_cpus, dashboard=not args.no_dashboard,
     )
     return EXIT_OK if (df["status"] == "completed").all() else EXIT_FAILED
 
@@ -230,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root (default: experiments)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray instance (default: all)")
     p.add_argument("--address", default=None, help="join an existing Ray cluster (e.g. auto or HOST:6379)")
+    p.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard")
     p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser("report", help="write report.md and PNG plots into the experiment directory")

@@ -402,6 +402,7 @@ def run_retrain(
     rank_by: str | None = None,
     address: str | None = None,
     num_cpus: int | None = None,
+    dashboard: bool = False,
     out: Printer = print,
 ) -> pd.DataFrame:
     """Refit the top configs of ``exp`` and test them; returns the retrain.parquet table."""
@@ -420,18 +421,20 @@ def run_retrain(
         out(f"  {t['rank']:>2}. {t['trial_id']}  {rank_by}_{metric} {float(t[f'{rank_by}_{metric}']):.4f}  "
             f"{t['status']} after {int(t['epochs_run'])} epochs  {summarize_config(json.loads(t['config']))}")
     return _refit(exp, stored, chosen, epochs=epochs, seeds=seeds, rank_by=rank_by, rule=rule,
-                  address=address, num_cpus=num_cpus, out=out)
+                  address=address, num_cpus=num_cpus, out=out, dashboard=dashboard)
 
 
 def _refit(
     exp: Experiment, stored: StoredSpec, chosen: pd.DataFrame, *, epochs: int, seeds: int, rank_by: str, rule: str,
-    address: str | None, num_cpus: int | None, out: Printer,
+    address: str | None, num_cpus: int | None, out: Printer, dashboard: bool = False,
 ) -> pd.DataFrame:
     from cifar_tune import tuner
+    from cifar_tune.search import print_cluster
 
     data_mod.prepare(stored.data)
     test = data_mod.load_test(stored.data)  # the one read of the test split, here in the driver
-    cluster = tuner.connect(address, dashboard=False, num_cpus=num_cpus)
+    cluster = tuner.connect(address, dashboard=dashboard, num_cpus=num_cpus)
+    print_cluster(cluster, out)
     try:
         res = tuner.trial_resources(stored.search.resources, cluster)
         test_ref = tuner.put(test)  # stored once, shared by every task

@@ -297,7 +297,7 @@ def run_search(
         exp.write_text("spec.yaml", yaml.safe_dump({"spec": spec.to_dict(), "meta": run_metadata()}, sort_keys=False))
     log.flush(force=True)
     cluster = tuner.connect(address, dashboard=dashboard, num_cpus=num_cpus)
-    _print_cluster(cluster, out)
+    print_cluster(cluster, out)
     resources = tuner.trial_resources(spec.search.resources, cluster)
     slots = max(1, int(cluster.cpus // resources["cpu"]))
     if resources["gpu"]:
@@ -348,7 +348,7 @@ def run_search(
     return exp
 
 
-def _print_cluster(c: Any, out: Printer) -> None:
+def print_cluster(c: Any, out: Printer) -> None:
     where = "local Ray instance" if c.started_here else f"Ray cluster at {c.address}"
     out(f"{where}: {c.nodes} node(s), {c.cpus:g} CPUs, {c.gpus:g} GPUs")
     if c.dashboard_url:
