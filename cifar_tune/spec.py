@@ -12,7 +12,7 @@ import yaml
 
 from cifar_tune.errors import ErrorList, SpecError, UserError
 from cifar_tune.registry import did_you_mean
-from cifar_tune.space import Dist, alternatives, iter_dists, parse_tree, to_plain_spec
+from cifar_tune.space import DIST_ARITY, Dist, alternatives, iter_dists, parse_tree, to_plain_spec
 
 
 def _check(pred: Any, msg: str) -> dict[str, Any]:
@@ -306,7 +306,7 @@ def parse_dataclass(cls: type, value: Any, path: str, errors: ErrorList) -> Any:
         if is_dataclass(ann):
             kwargs[name] = parse_dataclass(ann, v, p, errors)
             continue
-        if isinstance(v, Mapping) and len(v) == 1 and next(iter(v)) in ("choice", "grid", "uniform", "loguniform"):
+        if isinstance(v, Mapping) and len(v) == 1 and next(iter(v)) in DIST_ARITY:
             errors.add(p, "distributions are only allowed under 'space'")
             continue
         if ann is float and isinstance(v, int) and not isinstance(v, bool):
