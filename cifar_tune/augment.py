@@ -4,6 +4,8 @@ A config maps augmentation names to hyperparameters (``{hflip: true, crop: {padd
 the key order, ops run in a fixed order of stages::
 
     geometric (hflip, vflip, crop, translate, rotation)   one fused resampling of the uint8 batch
+    policy    (autoaugment, randaugment, trivialaugment)  per-image random op sequences on uint8
+                                                          (``cifar_tune.policies``)
     colour    (color_jitter)                              brightness -> contrast -> saturation -> hue
     normalize ((x / 255 - mean) / std)
     erasing, cutout                                       on the normalised batch, filled with 0 (= mean)
@@ -30,9 +32,10 @@ from cifar_tune.registry import Registry
 
 AUGMENTS = Registry("augmentation")
 
-STAGES = ("geometric", "colour", "erase", "mix")  # normalize runs between colour and erase
+STAGES = ("geometric", "policy", "colour", "erase", "mix")  # normalize runs between colour and erase
 # The order of application, whatever the config's key order (README, logs, tests).
-APPLIED_ORDER = ("hflip", "vflip", "crop", "translate", "rotation", "color_jitter", "normalize",
+APPLIED_ORDER = ("hflip", "vflip", "crop", "translate", "rotation", "autoaugment", "randaugment",
+                 "trivialaugment", "color_jitter", "normalize",
                  "erasing", "cutout", "mixup", "cutmix")
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 
@@ -553,6 +556,8 @@ class BatchAugment:
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self.num_classes = num_classes
         self._geometry = _Geometry.from_ops(self.ops)
+        # uint8 -> uint8 stages registered by cifar_tune.policies (AutoAugment, RandAugment, TrivialAugment)
+        self._policies = [op for op in self.ops if op.stage == "policy"]
         self._jitter = next((op for op in self.ops if isinstance(op, ColorJitter)), None)
         if self._jitter is not None and not any((self._jitter.brightness, self._jitter.contrast,
                                                  self._jitter.saturation, self._jitter.hue)):
@@ -581,6 +586,11 @@ class BatchAugment:
         if x_uint8.dtype != torch.uint8 or x_uint8.dim() != 4 or x_uint8.shape[1] != len(self.mean):
             raise ValueError(f"expected uint8 [B, {len(self.mean)}, H, W], got {x_uint8.dtype} {tuple(x_uint8.shape)}")
         x = self._geometry(x_uint8, generator) if self._geometry is not None else x_uint8
+        if self._policies:
+            if x.dtype != torch.uint8:  # rotated: the policies work on uint8, as torchvision's do
+                x = x.round_().clamp_(0, 255).to(torch.uint8)
+            for policy in self._policies:
+                x = policy(x, generator)
         a, b = self._norm_params(x.device)
         x = x.to(torch.float32)  # a copy for uint8 input, so in-place ops below never touch the caller's batch
         if self._jitter is None:
@@ -628,3 +638,5 @@ def build_augment(cfg: Mapping[str, Mapping[str, Any] | bool | None], *, mean: S
     return BatchAugment(ops, mean=mean, std=std, num_classes=num_classes)
 
 
+# The policies register themselves into AUGMENTS; imported last because they build on this module.
+from cifar_tune import policies as _policies  # noqa: E402, F401

@@ -1,0 +1,408 @@
+"""AutoAugment, RandAugment and TrivialAugmentWide, batched on the data's device with per-image randomness.
+
+torchvision applies these policies to one image at a time (a Python loop, a host-side random draw per op).
+Here every image of a batch draws its own ops, magnitudes and signs as tensors, and one *slot* (one op
+per image) is applied to the whole batch at once:
+
+    geometric  ShearX/Y, TranslateX/Y, Rotate, Identity   one per-image inverse affine map, one nearest
+                                                           ``grid_sample`` (torchvision's own grid maths)
+    blend      Brightness, Color, Contrast, Sharpness      x * f + degenerate * (1 - f), per-image f
+    bits       Posterize, Solarize, Invert                 per-image bit mask / threshold (Invert = Solarize
+                                                           at threshold 0)
+    AutoContrast, Equalize                                 per-image (per-channel) maps; identity elsewhere
+
+An image whose op belongs to another stage gets that stage's identity parameters, so no stage needs the
+image indices (a ``nonzero`` would be a host sync). Stages whose ops a policy never draws are skipped.
+
+Op lists, magnitude bins and signs are torchvision's (``transforms.v2._auto_augment``, copied below as
+data and compared with torchvision's in the tests), as are the kernels' arithmetic (float32 blends
+truncated to uint8, PIL's equalize LUT, ``_get_inverse_affine_matrix``), so each op matches
+``torchvision.transforms.v2.functional`` on uint8 images (tests/test_policies.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+
+from cifar_tune.augment import AUGMENTS, _integer
+
+OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
+       "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize", "Invert")
+CODE = {name: i for i, name in enumerate(OPS)}
+GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+BLEND = ("Brightness", "Color", "Contrast", "Sharpness")
+GRAY_WEIGHTS_TV = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights (not 0.299)
+
+# name -> (magnitudes(num_bins, height, width) or None, signed): torchvision's augmentation spaces.
+Magnitudes = Callable[[int, int, int], "torch.Tensor | None"]
+
+
+def _lin(lo: float, hi: float) -> Magnitudes:
+    return lambda n, h, w: torch.linspace(lo, hi, n)
+
+
+def _posterize_bits(span: int) -> Magnitudes:
+    """8 bits at bin 0 down to 8 - span at the last bin, rounded (torchvision)."""
+    return lambda n, h, w: (8 - (torch.arange(n) / ((n - 1) / span))).round().int()
+
+
+_NONE: Magnitudes = lambda n, h, w: None  # noqa: E731
+
+RAND_SPACE: dict[str, tuple[Magnitudes, bool]] = {
+    "Identity": (_NONE, False),
+    "ShearX": (_lin(0.0, 0.3), True),
+    "ShearY": (_lin(0.0, 0.3), True),
+    "TranslateX": (lambda n, h, w: torch.linspace(0.0, 150.0 / 331.0 * w, n), True),
+    "TranslateY": (lambda n, h, w: torch.linspace(0.0, 150.0 / 331.0 * h, n), True),
+    "Rotate": (_lin(0.0, 30.0), True),
+    "Brightness": (_lin(0.0, 0.9), True),
+    "Color": (_lin(0.0, 0.9), True),
+    "Contrast": (_lin(0.0, 0.9), True),
+    "Sharpness": (_lin(0.0, 0.9), True),
+    "Posterize": (_posterize_bits(4), False),
+    "Solarize": (_lin(1.0, 0.0), False),
+    "AutoContrast": (_NONE, False),
+    "Equalize": (_NONE, False),
+}
+# AutoAugment: RandAugment's space without Identity, plus Invert; always 10 bins.
+AUTO_SPACE: dict[str, tuple[Magnitudes, bool]] = {
+    **{k: v for k, v in RAND_SPACE.items() if k != "Identity"}, "Invert": (_NONE, False)}
+WIDE_SPACE: dict[str, tuple[Magnitudes, bool]] = {
+    "Identity": (_NONE, False),
+    "ShearX": (_lin(0.0, 0.99), True),
+    "ShearY": (_lin(0.0, 0.99), True),
+    "TranslateX": (_lin(0.0, 32.0), True),
+    "TranslateY": (_lin(0.0, 32.0), True),
+    "Rotate": (_lin(0.0, 135.0), True),
+    "Brightness": (_lin(0.0, 0.99), True),
+    "Color": (_lin(0.0, 0.99), True),
+    "Contrast": (_lin(0.0, 0.99), True),
+    "Sharpness": (_lin(0.0, 0.99), True),
+    "Posterize": (_posterize_bits(6), False),
+    "Solarize": (_lin(1.0, 0.0), False),
+    "AutoContrast": (_NONE, False),
+    "Equalize": (_NONE, False),
+}
+AUTO_BINS = 10
+
+SubPolicy = tuple[tuple[str, float, "int | None"], tuple[str, float, "int | None"]]
+# AutoAugment's learned policies (Cubuk et al. 2019), as torchvision defines them: 25 sub-policies of
+# two (op, probability, magnitude bin) each.
+AUTO_POLICIES: dict[str, tuple[SubPolicy, ...]] = {
+    "imagenet": (
+        (("Posterize", 0.4, 8), ("Rotate", 0.6, 9)), (("Solarize", 0.6, 5), ("AutoContrast", 0.6, None)),
+        (("Equalize", 0.8, None), ("Equalize", 0.6, None)), (("Posterize", 0.6, 7), ("Posterize", 0.6, 6)),
+        (("Equalize", 0.4, None), ("Solarize", 0.2, 4)), (("Equalize", 0.4, None), ("Rotate", 0.8, 8)),
+        (("Solarize", 0.6, 3), ("Equalize", 0.6, None)), (("Posterize", 0.8, 5), ("Equalize", 1.0, None)),
+        (("Rotate", 0.2, 3), ("Solarize", 0.6, 8)), (("Equalize", 0.6, None), ("Posterize", 0.4, 6)),
+        (("Rotate", 0.8, 8), ("Color", 0.4, 0)), (("Rotate", 0.4, 9), ("Equalize", 0.6, None)),
+        (("Equalize", 0.0, None), ("Equalize", 0.8, None)), (("Invert", 0.6, None), ("Equalize", 1.0, None)),
+        (("Color", 0.6, 4), ("Contrast", 1.0, 8)), (("Rotate", 0.8, 8), ("Color", 1.0, 2)),
+        (("Color", 0.8, 8), ("Solarize", 0.8, 7)), (("Sharpness", 0.4, 7), ("Invert", 0.6, None)),
+        (("ShearX", 0.6, 5), ("Equalize", 1.0, None)), (("Color", 0.4, 0), ("Equalize", 0.6, None)),
+        (("Equalize", 0.4, None), ("Solarize", 0.2, 4)), (("Solarize", 0.6, 5), ("AutoContrast", 0.6, None)),
+        (("Invert", 0.6, None), ("Equalize", 1.0, None)), (("Color", 0.6, 4), ("Contrast", 1.0, 8)),
+        (("Equalize", 0.8, None), ("Equalize", 0.6, None)),
+    ),
+    "cifar10": (
+        (("Invert", 0.1, None), ("Contrast", 0.2, 6)), (("Rotate", 0.7, 2), ("TranslateX", 0.3, 9)),
+        (("Sharpness", 0.8, 1), ("Sharpness", 0.9, 3)), (("ShearY", 0.5, 8), ("TranslateY", 0.7, 9)),
+        (("AutoContrast", 0.5, None), ("Equalize", 0.9, None)), (("ShearY", 0.2, 7), ("Posterize", 0.3, 7)),
+        (("Color", 0.4, 3), ("Brightness", 0.6, 7)), (("Sharpness", 0.3, 9), ("Brightness", 0.7, 9)),
+        (("Equalize", 0.6, None), ("Equalize", 0.5, None)), (("Contrast", 0.6, 7), ("Sharpness", 0.6, 5)),
+        (("Color", 0.7, 7), ("TranslateX", 0.5, 8)), (("Equalize", 0.3, None), ("AutoContrast", 0.4, None)),
+        (("TranslateY", 0.4, 3), ("Sharpness", 0.2, 6)), (("Brightness", 0.9, 6), ("Color", 0.2, 8)),
+        (("Solarize", 0.5, 2), ("Invert", 0.0, None)), (("Equalize", 0.2, None), ("AutoContrast", 0.6, None)),
+        (("Equalize", 0.2, None), ("Equalize", 0.6, None)), (("Color", 0.9, 9), ("Equalize", 0.6, None)),
+        (("AutoContrast", 0.8, None), ("Solarize", 0.2, 8)), (("Brightness", 0.1, 3), ("Color", 0.7, 0)),
+        (("Solarize", 0.4, 5), ("AutoContrast", 0.9, None)), (("TranslateY", 0.9, 9), ("TranslateY", 0.7, 9)),
+        (("AutoContrast", 0.9, None), ("Solarize", 0.8, 3)), (("Equalize", 0.8, None), ("Invert", 0.1, None)),
+        (("TranslateY", 0.7, 9), ("AutoContrast", 0.9, None)),
+    ),
+    "svhn": (
+        (("ShearX", 0.9, 4), ("Invert", 0.2, None)), (("ShearY", 0.9, 8), ("Invert", 0.7, None)),
+        (("Equalize", 0.6, None), ("Solarize", 0.6, 6)), (("Invert", 0.9, None), ("Equalize", 0.6, None)),
+        (("Equalize", 0.6, None), ("Rotate", 0.9, 3)), (("ShearX", 0.9, 4), ("AutoContrast", 0.8, None)),
+        (("ShearY", 0.9, 8), ("Invert", 0.4, None)), (("ShearY", 0.9, 5), ("Solarize", 0.2, 6)),
+        (("Invert", 0.9, None), ("AutoContrast", 0.8, None)), (("Equalize", 0.6, None), ("Rotate", 0.9, 3)),
+        (("ShearX", 0.9, 4), ("Solarize", 0.3, 3)), (("ShearY", 0.8, 8), ("Invert", 0.7, None)),
+        (("Equalize", 0.9, None), ("TranslateY", 0.6, 6)), (("Invert", 0.9, None), ("Equalize", 0.6, None)),
+        (("Contrast", 0.3, 3), ("Rotate", 0.8, 4)), (("Invert", 0.8, None), ("TranslateY", 0.0, 2)),
+        (("ShearY", 0.7, 6), ("Solarize", 0.4, 8)), (("Invert", 0.6, None), ("Rotate", 0.8, 4)),
+        (("ShearY", 0.3, 7), ("TranslateX", 0.9, 3)), (("ShearX", 0.1, 6), ("Invert", 0.6, None)),
+        (("Solarize", 0.7, 2), ("TranslateY", 0.6, 7)), (("ShearY", 0.8, 4), ("Invert", 0.8, None)),
+        (("ShearX", 0.7, 9), ("TranslateY", 0.8, 3)), (("ShearY", 0.8, 5), ("AutoContrast", 0.7, None)),
+        (("ShearX", 0.7, 2), ("Invert", 0.1, None)),
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# the batched kernels: x uint8 [B, C, H, W], code long [B] (index into OPS), magnitude float [B]
+
+
+def _inverse_affine(code: torch.Tensor, mag: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """torchvision's ``_get_inverse_affine_matrix`` per image, [B, 2, 3] float64 (identity for others)."""
+    zero = torch.zeros_like(mag)
+
+    def where(name: str, value: torch.Tensor | float) -> torch.Tensor:
+        return torch.where(code == CODE[name], value, zero)
+
+    shear_deg = torch.rad2deg(torch.atan(mag))
+    sx, sy = torch.deg2rad(where("ShearX", shear_deg)), torch.deg2rad(where("ShearY", shear_deg))
+    tx, ty = where("TranslateX", torch.trunc(mag)), where("TranslateY", torch.trunc(mag))  # int(magnitude)
+    rot = torch.deg2rad(where("Rotate", -mag))  # F.rotate passes -angle to the matrix
+    shear = (code == CODE["ShearX"]) | (code == CODE["ShearY"])
+    # shears are about the top-left corner (center=[0, 0]), in coordinates centred on the image
+    cx, cy = torch.where(shear, -w * 0.5, zero), torch.where(shear, -h * 0.5, zero)
+    a = torch.cos(rot - sy) / torch.cos(sy)
+    b = -torch.cos(rot - sy) * torch.tan(sx) / torch.cos(sy) - torch.sin(rot)
+    c = torch.sin(rot - sy) / torch.cos(sy)
+    d = -torch.sin(rot - sy) * torch.tan(sx) / torch.cos(sy) + torch.cos(rot)
+    m0, m1, m3, m4 = d, -b, -c, a
+    m2 = m0 * (-cx - tx) + m1 * (-cy - ty) + cx
+    m5 = m3 * (-cx - tx) + m4 * (-cy - ty) + cy
+    return torch.stack([torch.stack([m0, m1, m2], 1), torch.stack([m3, m4, m5], 1)], 1)
+
+
+def _geometric(x: torch.Tensor, code: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
+    """Per-image affine maps with torchvision's grid (``_affine_grid``) and nearest sampling, zero fill."""
+    b, _, h, w = x.shape
+    theta = _inverse_affine(code, mag.double(), h, w).float()
+    dev = x.device
+    base = torch.empty(1, h, w, 3, device=dev)
+    base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=dev))
+    base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=dev).unsqueeze_(-1))
+    base[..., 2].fill_(1)
+    rescaled = theta.transpose(1, 2).div_(torch.tensor([0.5 * w, 0.5 * h], device=dev))
+    grid = base.view(1, h * w, 3).expand(b, h * w, 3).bmm(rescaled).view(b, h, w, 2)
+    out = F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return out.round_().to(torch.uint8)
+
+
+def _gray(xf: torch.Tensor) -> torch.Tensor:
+    """floor of torchvision's grayscale (0.2989, 0.587, 0.114), [B, 1, H, W]; the image itself if 1-channel."""
+    if xf.shape[1] == 1:
+        return xf
+    r, g, b = xf.unbind(1)
+    return r.mul(GRAY_WEIGHTS_TV[0]).add_(g, alpha=GRAY_WEIGHTS_TV[1]).add_(b, alpha=GRAY_WEIGHTS_TV[2]).floor_()[:, None]
+
+
+def _blend(x: torch.Tensor, code: torch.Tensor, mag: torch.Tensor, present: frozenset[str]) -> torch.Tensor:
+    """Brightness / Color / Contrast / Sharpness as torchvision computes them on uint8 (float32, truncation)."""
+    b, c, h, w = x.shape
+    view = (b, 1, 1, 1)
+    is_op = {name: (code == CODE[name]).view(view) for name in BLEND if name in present}
+    on = torch.zeros(view, dtype=torch.bool, device=x.device)
+    for name, mask in is_op.items():
+        if not (name == "Color" and c == 1):  # saturation is a no-op on 1-channel images
+            on = on | mask
+    f64 = torch.where(on, 1.0 + mag.double().view(view), 1.0)
+    ratio, rest = f64.float(), (1.0 - f64).float()  # python-float factors, as torchvision passes them
+    xf = x.float()
+    degenerate = torch.zeros((), device=x.device)
+    if "Color" in is_op or "Contrast" in is_op:
+        gray = _gray(xf)
+        if "Color" in is_op:
+            degenerate = torch.where(is_op["Color"], gray, degenerate)
+        if "Contrast" in is_op:
+            degenerate = torch.where(is_op["Contrast"], gray.mean(dim=(1, 2, 3), keepdim=True), degenerate)
+    out = xf * ratio + degenerate * rest
+    if "Sharpness" in is_op and h > 2 and w > 2:
+        k = torch.full((3, 3), 1.0 / 13.0, device=x.device)
+        k[1, 1] = 5.0 / 13.0
+        blurred = F.conv2d(xf, k.expand(c, 1, 3, 3), groups=c).round_()
+        inner = xf[..., 1:-1, 1:-1]
+        sharp = xf.clone()
+        sharp[..., 1:-1, 1:-1] = inner + (blurred - inner) * rest  # torchvision: view.add_(blur - view, alpha)
+        out = torch.where(is_op["Sharpness"], sharp, out)
+    return out.clamp_(0, 255).to(torch.uint8)
+
+
+def _bits(x: torch.Tensor, code: torch.Tensor, mag: torch.Tensor, present: frozenset[str]) -> torch.Tensor:
+    """Posterize (keep the top ``bits``), Solarize (invert >= 255 * magnitude) and Invert (threshold 0)."""
+    view = (x.shape[0], 1, 1, 1)
+    if "Posterize" in present:
+        bits = torch.where(code == CODE["Posterize"], mag.to(torch.int64), 8)
+        mask = ((255 << (8 - bits)) & 255).to(torch.uint8).view(view)
+        x = x & mask
+    if "Solarize" in present or "Invert" in present:
+        never = torch.full_like(mag, 256.0)
+        thr = torch.where(code == CODE["Solarize"], 255.0 * mag, never) if "Solarize" in present else never
+        if "Invert" in present:
+            thr = torch.where(code == CODE["Invert"], 0.0, thr)
+        x = torch.where(x >= thr.float().view(view), 255 - x, x)
+    return x
+
+
+def _autocontrast(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Stretch each channel to [0, 255] (torchvision's autocontrast); min 0 / scale 1 for other images."""
+    sel = (code == CODE["AutoContrast"]).view(-1, 1, 1, 1)
+    xf = x.float()
+    lo, hi = xf.amin(dim=(2, 3), keepdim=True), xf.amax(dim=(2, 3), keepdim=True)
+    flat = hi == lo
+    inv_scale = (hi - lo).mul_(1.0 / 255)
+    lo = torch.where(flat | ~sel, 0.0, lo)
+    inv_scale = torch.where(flat | ~sel, 1.0, inv_scale)
+    return xf.sub_(lo).div_(inv_scale).clamp_(0, 255).to(torch.uint8)
+
+
+def _equalize(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """torchvision's (PIL's) histogram equalisation per image and channel; an identity LUT for others."""
+    b, c, h, w = x.shape
+    flat = x.reshape(b, c, h * w).long()
+    hist = torch.zeros(b, c, 256, dtype=torch.int32, device=x.device)
+    hist.scatter_add_(2, flat, torch.ones(1, dtype=torch.int32, device=x.device).expand_as(flat))
+    cum = hist.cumsum(dim=2)
+    last = cum.argmax(dim=2, keepdim=True)  # first bin holding the maximum: the image's top value
+    step = (h * w - hist.gather(2, last)).div(255, rounding_mode="floor")
+    valid = step.ne(0)
+    lut = (cum[..., :-1] + step // 2).div(step.clamp(min=1), rounding_mode="floor").clamp_(0, 255)
+    lut = torch.cat([torch.zeros_like(lut[..., :1]), lut], dim=2)
+    identity = torch.arange(256, device=x.device).expand(b, c, 256)
+    use = valid & (code == CODE["Equalize"]).view(b, 1, 1)
+    lut = torch.where(use, lut, identity).to(torch.uint8)
+    return lut.gather(2, flat).view(b, c, h, w)
+
+
+def apply_ops(x: torch.Tensor, code: torch.Tensor, mag: torch.Tensor,
+              present: frozenset[str] = frozenset(OPS)) -> torch.Tensor:
+    """Apply op ``OPS[code[i]]`` with signed magnitude ``mag[i]`` to image i, for the whole batch.
+
+    ``present``: the ops that can occur (others are assumed absent and their stages skipped).
+    """
+    if present & set(GEOMETRIC):
+        x = _geometric(x, code, mag)
+    if present & set(BLEND):
+        x = _blend(x, code, mag, present)
+    if present & {"Posterize", "Solarize", "Invert"}:
+        x = _bits(x, code, mag, present)
+    if "AutoContrast" in present:
+        x = _autocontrast(x, code)
+    if "Equalize" in present:
+        x = _equalize(x, code)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# policies: per-image draws of (op, signed magnitude) per slot
+
+
+def _magnitude_table(space: dict[str, tuple[Magnitudes, bool]], bins: int, h: int,
+                     w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes [n], magnitudes [n, bins] float64 (0 where an op has none), signed [n]) of a space."""
+    names = list(space)
+    mags = torch.zeros(len(names), bins, dtype=torch.float64)
+    for i, name in enumerate(names):
+        m = space[name][0](bins, h, w)
+        if m is not None:
+            mags[i] = m.double()
+    codes = torch.tensor([CODE[n] for n in names])
+    signed = torch.tensor([space[n][1] for n in names])
+    return codes, mags, signed
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A configured policy; ``__call__(x_uint8, generator) -> x_uint8`` (the augment pipeline's policy stage)."""
+
+    stage: ClassVar[str] = "policy"
+    kind: Literal["autoaugment", "randaugment", "trivialaugment"]
+    num_ops: int = 1  # slots applied one after the other (AutoAugment: 2, one sub-policy)
+    magnitude: int | None = None  # RandAugment's fixed bin; None: uniform over the bins (TrivialAugment)
+    num_bins: int = 31
+    policy: str | None = None  # AutoAugment's policy name
+    _tables: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def space(self) -> dict[str, tuple[Magnitudes, bool]]:
+        return {"autoaugment": AUTO_SPACE, "randaugment": RAND_SPACE, "trivialaugment": WIDE_SPACE}[self.kind]
+
+    @property
+    def present(self) -> frozenset[str]:
+        """The ops this policy can apply."""
+        if self.kind == "autoaugment":
+            return frozenset(op for sub in AUTO_POLICIES[self.policy] for op, p, _ in sub if p > 0)
+        return frozenset(self.space)
+
+    def _table(self, h: int, w: int, device: torch.device) -> dict[str, torch.Tensor]:
+        key = (h, w, str(device))  # cached: building tables per batch would be a host->device copy each time
+        if key not in self._tables:
+            codes, mags, signed = _magnitude_table(self.space, self.num_bins, h, w)
+            by_code = torch.zeros(len(OPS), self.num_bins, dtype=torch.float64)
+            by_code[codes] = mags
+            signed_by_code = torch.zeros(len(OPS), dtype=torch.bool)
+            signed_by_code[codes] = signed
+            t = {"codes": codes, "mags": by_code, "signed": signed_by_code}
+            if self.kind == "autoaugment":
+                subs = AUTO_POLICIES[self.policy]
+                t["sub_codes"] = torch.tensor([[CODE[op] for op, _, _ in sub] for sub in subs])
+                t["sub_p"] = torch.tensor([[p for _, p, _ in sub] for sub in subs], dtype=torch.float32)
+                t["sub_bins"] = torch.tensor([[m or 0 for _, _, m in sub] for sub in subs])
+            self._tables[key] = {k: v.to(device) for k, v in t.items()}
+        return self._tables[key]
+
+    def draw(self, g: torch.Generator, b: int, h: int, w: int,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image ops and signed magnitudes: (codes [slots, B] long, magnitudes [slots, B] float64)."""
+        gd = g.device
+        t = self._table(h, w, gd)
+        slots = self.num_ops
+        if self.kind == "autoaugment":
+            sub = torch.randint(0, t["sub_codes"].shape[0], (b,), generator=g, device=gd)
+            apply = torch.rand(2, b, generator=g, device=gd) < t["sub_p"][sub].T
+            code = torch.where(apply, t["sub_codes"][sub].T, CODE["Identity"])
+            bins = t["sub_bins"][sub].T
+        else:
+            code = t["codes"][torch.randint(0, len(t["codes"]), (slots, b), generator=g, device=gd)]
+            if self.magnitude is None:
+                bins = torch.randint(0, self.num_bins, (slots, b), generator=g, device=gd)
+            else:
+                bins = torch.full((slots, b), self.magnitude, device=gd)
+        flip = t["signed"][code] & (torch.rand(code.shape, generator=g, device=gd) < 0.5)
+        mag = t["mags"][code, bins] * torch.where(flip, -1.0, 1.0).double()
+        return code.to(device, non_blocking=True), mag.to(device, non_blocking=True)
+
+    def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        b, _, h, w = x.shape
+        code, mag = self.draw(g, b, h, w, x.device)
+        present = self.present
+        for s in range(code.shape[0]):
+            x = apply_ops(x, code[s], mag[s], present)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# registry entries
+
+
+@AUGMENTS.register("autoaugment")
+def autoaugment(*, policy: Literal["cifar10", "imagenet", "svhn"] = "cifar10") -> Policy:
+    """AutoAugment (Cubuk et al. 2019): per image, one of the policy's 25 sub-policies of two ops."""
+    if policy not in AUTO_POLICIES:
+        raise ValueError(f"policy: must be one of {', '.join(AUTO_POLICIES)}; got {policy!r}")
+    return Policy("autoaugment", num_ops=2, num_bins=AUTO_BINS, policy=policy)
+
+
+@AUGMENTS.register("randaugment")
+def randaugment(*, num_ops: int = 2, magnitude: int = 9, num_magnitude_bins: int = 31) -> Policy:
+    """RandAugment (Cubuk et al. 2020): ``num_ops`` uniform draws of 14 ops at bin ``magnitude``, random sign."""
+    bins = _integer("num_magnitude_bins", num_magnitude_bins, lo=2)
+    m = _integer("magnitude", magnitude)
+    if m >= bins:
+        raise ValueError(f"magnitude: must be < num_magnitude_bins ({bins}), got {m}")
+    return Policy("randaugment", num_ops=_integer("num_ops", num_ops), magnitude=m, num_bins=bins)
+
+
+@AUGMENTS.register("trivialaugment")
+def trivialaugment(*, num_magnitude_bins: int = 31) -> Policy:
+    """TrivialAugmentWide (Mueller & Hutter 2021): one uniform op at a uniform bin, random sign."""
+    return Policy("trivialaugment", num_ops=1, num_bins=_integer("num_magnitude_bins", num_magnitude_bins, lo=2))
+
+
+POLICY_NAMES: Sequence[str] = ("autoaugment", "randaugment", "trivialaugment")
