@@ -7,14 +7,13 @@ import math
 from typing import Any
 
 import pytest
+import scipy.stats as scipy_stats
 import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from cifar_tune import policies as P
 from cifar_tune.augment import AUGMENTS, build_augment
-
-scipy_stats = pytest.importorskip("scipy.stats")
 
 MAGNITUDES: dict[str, tuple[float, ...]] = {
     "Identity": (0.0,),
