@@ -386,7 +386,7 @@ def search_efficiency(trials: Any, epochs: Any, ray_results: dict[str, list[dict
     """Tune efficiency and per-trial overheads from trials.parquet, epochs.parquet and Ray's result.json."""
     started, ended = trials["started_at"].astype(float), trials["ended_at"].astype(float)
     wall_s = float(ended.max() - started.min())
-    train_s = float(trials["train_time_s"].astype(float).sum())
+    train_s = float(trials["epoch_time_s"].astype(float).sum())  # training + validation of every epoch
     order = trials.assign(pid=[ray_results.get(t, [{}])[0].get("pid") for t in trials["trial_id"]])
     order = order.sort_values("started_at")
     reused, fresh = [], []
@@ -396,7 +396,7 @@ def search_efficiency(trials: Any, epochs: Any, ray_results: dict[str, list[dict
         # worker side: from the trial's (re)start on the actor to its first report, minus epoch 1 itself
         worker_s = float(first.get("time_this_iter_s", float("nan"))) - float(first.get("epoch_time_s", float("nan")))
         # driver side: idle gap since the worker's previous trial + everything in the trial that is not an epoch
-        overhead_s = float(row.ended_at - row.started_at - row.train_time_s)
+        overhead_s = float(row.ended_at - row.started_at - row.epoch_time_s)
         item = {"trial_id": row.trial_id, "pid": row.pid, "worker_start_s": worker_s, "overhead_s": overhead_s,
                 "setup_s": float(first.get("setup_time_s", float("nan")))}
         if row.pid in seen_pids:

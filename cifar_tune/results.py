@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import platform
 import subprocess
@@ -32,6 +33,7 @@ EPOCH_KEYS = (
     "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr",
     "train_time_s", "epoch_time_s", "images_per_s", "status", "node_id", "pid", "worker_data_loads",
 )
+EPOCH_COLUMNS = ("trial_id", *EPOCH_KEYS, "attempt")  # attempt: which start of the trial wrote the row
 
 
 class Storage:
@@ -220,12 +222,52 @@ def run_metadata() -> dict[str, Any]:
     }
 
 
+SUMMARY_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_top5")
+
+
+def summarise_epochs(rows: list[Mapping[str, Any]], metric: str, mode: str) -> dict[str, Any]:
+    """A trial's summary columns, derived only from the epoch rows of the attempt that counts.
+
+    ``best_*`` are the validation metrics at the first epoch with the best ``metric``; ``last_*``
+    those of the last row; times are sums over the rows. Nothing carries over from anything else,
+    so ``trials.parquet`` can always be recomputed from ``epochs.parquet``.
+    """
+    rows = sorted(rows, key=lambda r: r["epoch"])
+    out: dict[str, Any] = {
+        "epochs_run": len(rows),
+        "best_epoch": None,
+        **{f"best_{k}": None for k in ("val_acc", "val_loss", "val_top5")},
+        **{f"last_{k}": None for k in SUMMARY_METRICS},
+        "train_time_s": float(sum(_num(r.get("train_time_s")) or 0.0 for r in rows)),
+        "epoch_time_s": float(sum(_num(r.get("epoch_time_s")) or 0.0 for r in rows)),
+    }
+    if not rows:
+        return out
+    last = rows[-1]
+    out.update({f"last_{k}": _num(last.get(k)) for k in SUMMARY_METRICS})
+    out["node_id"] = last.get("node_id")
+    sign = 1.0 if mode == "max" else -1.0
+    best: Mapping[str, Any] | None = None
+    for r in rows:  # strict improvement: ties go to the earlier epoch
+        v = _num(r.get(metric))
+        if v is not None and math.isfinite(v) and (best is None or sign * v > sign * best[metric]):
+            best = r
+    if best is not None:
+        out["best_epoch"] = int(best["epoch"])
+        out.update({f"best_{k}": _num(best.get(k)) for k in ("val_acc", "val_loss", "val_top5")})
+    return out
+
+
 class TrialLog:
     """The search's record of every trial and epoch, flushed to parquet as the search runs.
 
     ``trials.parquet`` is rewritten at most every ``flush_every_s`` seconds while results stream in,
     and at once whenever a trial starts, finishes or fails, so a killed driver loses at most the
     last few seconds of epoch rows of trials that were still running (and those are rerun anyway).
+
+    Each trial's epoch rows are those of its current attempt only (a retry or a rerun after
+    ``--resume`` starts over), and its summary columns are recomputed from them on every change
+    (``summarise_epochs``): a dead attempt can never leave a better ``best_val_acc`` behind.
     """
 
     def __init__(
@@ -235,44 +277,64 @@ class TrialLog:
         self.exp, self.metric, self.mode, self.max_epochs = exp, metric, mode, max_epochs
         self.flush_every_s = flush_every_s
         self.rows: dict[str, dict[str, Any]] = {}
-        self.epochs: list[dict[str, Any]] = []
+        self._epochs: dict[str, list[dict[str, Any]]] = {}
         self._last_flush = 0.0
         if trials is not None:
             for row in trials.to_dict("records"):
                 self.rows[row["trial_id"]] = {k: (None if _isna(v) else v) for k, v in row.items()}
-        if epochs is not None:
-            self.epochs = [r for r in epochs.to_dict("records") if r["trial_id"] in self.rows]
+        records = [] if epochs is None else epochs.to_dict("records")
+        self.epochs = [{k: (None if _isna(v) else v) for k, v in r.items()} for r in records]
+
+    @property
+    def epochs(self) -> list[dict[str, Any]]:
+        """Every trial's epoch rows (of its current attempt), trial by trial."""
+        return [r for rows in self._epochs.values() for r in rows]
+
+    @epochs.setter
+    def epochs(self, rows: list[dict[str, Any]]) -> None:
+        """Replace the epoch rows (e.g. on resume: only finished trials keep theirs); summaries follow."""
+        self._epochs = {}
+        for r in rows:
+            if r["trial_id"] in self.rows and r.get("epoch") is not None:
+                self._epochs.setdefault(r["trial_id"], []).append(r)
+        for tid in self.rows:
+            self._summarise(tid)
+
+    def trial_epochs(self, trial_id: str) -> list[dict[str, Any]]:
+        return list(self._epochs.get(trial_id, []))
+
+    def _summarise(self, trial_id: str) -> None:
+        self.rows[trial_id].update(summarise_epochs(self._epochs.get(trial_id, []), self.metric, self.mode))
 
     # -- events from the tuner -------------------------------------------------------------
     def add_pending(self, trial_id: str, index: int, config: dict[str, Any], params: int | None) -> None:
         self.rows[trial_id] = {
             "trial_id": trial_id, "sample_index": index, "status": "pending", "error": None,
-            "params": params, "epochs_run": 0, "max_epochs": self.max_epochs, "attempts": 0,
+            "params": params, "max_epochs": self.max_epochs, "attempts": 0,
             "config": json.dumps(config), **flatten(config),
         }
+        self._summarise(trial_id)
 
-    def trial_started(self, trial_id: str, config: dict[str, Any]) -> None:
+    def trial_started(self, trial_id: str, config: dict[str, Any], *, resumed_from_epoch: int = 0) -> None:
+        """A new attempt: epoch rows after ``resumed_from_epoch`` (all, without a checkpoint) are dropped."""
         row = self.rows[trial_id]
-        row.update(status="running", started_at=time.time(), ended_at=None, epochs_run=0, attempts=(row.get("attempts") or 0) + 1)
-        self.epochs = [e for e in self.epochs if e["trial_id"] != trial_id]  # a retry starts over
+        row.update(status="running", started_at=time.time(), ended_at=None, error=None, attempts=(row.get("attempts") or 0) + 1)
+        self._epochs[trial_id] = [e for e in self._epochs.get(trial_id, []) if e["epoch"] <= resumed_from_epoch]
+        self._summarise(trial_id)
         self.flush(force=True)
 
     def trial_result(self, trial_id: str, metrics: dict[str, Any]) -> None:
         row = self.rows[trial_id]
-        epoch_row = {"trial_id": trial_id, **{k: metrics.get(k) for k in EPOCH_KEYS}}
-        self.epochs.append(epoch_row)
-        row["epochs_run"] = int(metrics.get("epoch") or 0)
-        row["node_id"] = metrics.get("node_id")
         row["params"] = metrics.get("params", row.get("params"))
-        row["train_time_s"] = (row.get("train_time_s") or 0.0) + float(metrics.get("epoch_time_s") or 0.0)
-        for k in ("train_loss", "train_acc", "val_loss", "val_acc", "val_top5"):
-            if metrics.get(k) is not None:
-                row[f"last_{k}"] = metrics[k]
-        # best_*: all validation metrics at the best epoch by the search metric
-        if metrics.get(self.metric) is not None and self._better(metrics[self.metric], row.get(f"best_{self.metric}")):
-            row["best_epoch"] = row["epochs_run"]
-            for k in ("val_acc", "val_loss", "val_top5"):
-                row[f"best_{k}"] = metrics.get(k)
+        if metrics.get("epoch") is None:  # an OOM/error report: no epoch was completed
+            self.flush()
+            return
+        epoch_row = {"trial_id": trial_id, **{k: metrics.get(k) for k in EPOCH_KEYS}, "attempt": row.get("attempts")}
+        epoch_row["epoch"] = int(epoch_row["epoch"])
+        # an epoch reported again (a restored attempt) replaces the earlier attempt's row and those after it
+        rows = [e for e in self._epochs.get(trial_id, []) if e["epoch"] < epoch_row["epoch"]]
+        self._epochs[trial_id] = [*rows, epoch_row]
+        self._summarise(trial_id)
         self.flush()
 
     def trial_finished(self, trial_id: str, last: dict[str, Any]) -> None:
@@ -293,11 +355,6 @@ class TrialLog:
         self.rows[trial_id]["status"] = "pending"
 
     # -- queries ---------------------------------------------------------------------------
-    def _better(self, value: float, best: float | None) -> bool:
-        if best is None or _isna(best):
-            return True
-        return value > best if self.mode == "max" else value < best
-
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for r in self.rows.values():
@@ -322,7 +379,7 @@ class TrialLog:
         return df
 
     def epochs_frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.epochs, columns=["trial_id", *EPOCH_KEYS])
+        return pd.DataFrame(self.epochs, columns=EPOCH_COLUMNS)
 
     def flush(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -331,6 +388,13 @@ class TrialLog:
         self._last_flush = now
         self.exp.write_table("epochs.parquet", self.epochs_frame())
         self.exp.write_table("trials.parquet", self.trials_frame())
+
+
+def _num(v: Any) -> float | None:
+    """A metric as a float, or None when missing (NaN read back from parquet counts as missing)."""
+    if v is None or _isna(v):
+        return None
+    return float(v)
 
 
 def _isna(v: Any) -> bool:

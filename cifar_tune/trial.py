@@ -40,8 +40,9 @@ FAULTS_ENV = "CIFAR_TUNE_FAULTS"
 
 
 def _inject_fault(trial_id: str, epoch: int) -> None:
-    """Fault drills: ``CIFAR_TUNE_FAULTS="t0001=raise,t0003=exit@2"`` makes trial t0001 raise at
-    its first epoch and the worker process of t0003 be SIGKILLed at epoch 2 (once). Used by the
+    """Fault drills: ``CIFAR_TUNE_FAULTS="t0001=raise,t0003=exit@2,t0004=oom@3"`` makes trial t0001
+    raise at its first epoch, the worker process of t0003 be SIGKILLed at epoch 2 (once) and t0004 run
+    out of memory at epoch 3 (as ``torch.OutOfMemoryError``, before that epoch is reported). Used by the
     tests to prove failures are recorded and retried; it does nothing unless the variable is set.
     """
     for item in filter(None, os.environ.get(FAULTS_ENV, "").split(",")):
@@ -50,6 +51,8 @@ def _inject_fault(trial_id: str, epoch: int) -> None:
         if tid == trial_id and epoch == int(at or 1):
             if kind == "raise":
                 raise RuntimeError(f"injected fault in {trial_id} at epoch {epoch}")
+            if kind == "oom":
+                raise torch.OutOfMemoryError(f"injected out of memory in {trial_id} at epoch {epoch}")
             if kind == "exit":  # once: a marker in $CIFAR_TUNE_FAULT_DIR lets the retry succeed
                 marker = os.path.join(os.environ.get("CIFAR_TUNE_FAULT_DIR", "/tmp"), f"{trial_id}.fault-fired")
                 if not os.path.exists(marker):
@@ -81,8 +84,11 @@ def run_trial(
     # data, model and seeds ready: what a trial costs before its first step (``cifar-tune bench`` reads it)
     setup_time_s = time.perf_counter() - t0
 
+    reported: list[int] = []  # epochs reported so far: an OOM later does not undo them
+
     def on_epoch(metrics: dict[str, Any]) -> None:
         _inject_fault(trial_id, int(metrics["epoch"]))
+        reported.append(int(metrics["epoch"]))
         report({**metrics, "trial_id": trial_id, "params": params, "setup_time_s": setup_time_s,
                 "status": metrics.get("status", "running"), "pid": os.getpid(), "worker_data_loads": data_mod.raw_loads})
 
@@ -92,5 +98,6 @@ def run_trial(
             mean=info.mean, std=info.std, seed=seed, device=device, on_epoch=on_epoch,
         )
     except torch.OutOfMemoryError as e:  # recorded as "oom", not as a crash of the search
+        # no "epoch" key: this report ends the trial but is not an epoch (results.py appends no row)
         report({"trial_id": trial_id, "params": params, "status": "oom", "error": f"out of memory: {str(e)[:300]}"})
-        return FitResult(status="oom", epochs_run=0)
+        return FitResult(status="oom", epochs_run=len(reported))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cifar_tune import data
@@ -99,3 +100,25 @@ def fake_cifar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Call
 
     yield make
     data.clear_cache()
+
+
+def assert_summaries_derived(trials: pd.DataFrame, epochs: pd.DataFrame) -> None:
+    """The invariant of issue 10: every per-trial summary is a function of that trial's epoch rows."""
+    assert epochs.epoch.notna().all(), "an epoch row without an epoch"
+    for row in trials.itertuples():
+        ep = epochs[epochs.trial_id == row.trial_id].sort_values("epoch")
+        assert row.epochs_run == len(ep), row.trial_id
+        assert list(ep.epoch) == list(range(1, len(ep) + 1)), row.trial_id
+        assert row.train_time_s == pytest.approx(ep.train_time_s.astype(float).sum()), row.trial_id
+        assert row.epoch_time_s == pytest.approx(ep.epoch_time_s.astype(float).sum()), row.trial_id
+        if len(ep):
+            assert (ep.attempt == row.attempts).all(), f"{row.trial_id}: rows of an earlier attempt"
+        if ep.val_acc.notna().any():
+            assert row.best_val_acc == pytest.approx(ep.val_acc.max()), row.trial_id
+            assert ep.set_index("epoch").val_acc[row.best_epoch] == pytest.approx(ep.val_acc.max())
+        else:
+            assert pd.isna(row.best_val_acc) and pd.isna(row.best_epoch), row.trial_id
+        if len(ep):
+            last = ep.iloc[-1]
+            for k in ("val_acc", "train_loss"):
+                assert (pd.isna(last[k]) and pd.isna(getattr(row, f"last_{k}"))) or getattr(row, f"last_{k}") == pytest.approx(last[k])

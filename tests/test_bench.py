@@ -45,7 +45,7 @@ def test_search_efficiency_from_records() -> None:
         "trial_id": ["t0", "t1", "t2", "t3"],
         "started_at": [0.0, 0.0, 2.5, 2.2],
         "ended_at": [2.4, 2.0, 4.5, 4.4],
-        "train_time_s": [2.0, 2.0, 1.8, 2.0],
+        "epoch_time_s": [2.0, 2.0, 1.8, 2.0],
     })
     epochs = pd.DataFrame({"trial_id": ["t0", "t0", "t1", "t1", "t2", "t2", "t3", "t3"], "epoch_time_s": [1.0] * 8})
     ray = {t: [{"pid": pid, "time_this_iter_s": 1.3, "epoch_time_s": 1.0, "setup_time_s": 0.1}]

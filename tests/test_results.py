@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import assert_summaries_derived
 
 from cifar_tune.errors import UserError
 from cifar_tune.results import Experiment, Storage, TrialLog, find_experiment, flatten
@@ -41,7 +42,7 @@ def test_trial_lifecycle_and_status_rules(tmp_path: Path) -> None:
     assert trials.status.to_dict() == {"t0000": "completed", "t0001": "stopped", "t0002": "diverged", "t0003": "oom"}
     best = trials.loc["t0000"]
     assert (best.best_epoch, best.best_val_acc, best.best_val_loss, best.last_val_acc) == (2, 0.5, 0.5, 0.4)
-    assert best.train_time_s == pytest.approx(1.5)
+    assert best.epoch_time_s == pytest.approx(1.5)  # training + validation; train_time_s: training only
     assert trials.loc["t0001", "config.model.hidden"] == "[2]"  # lists become JSON text in parquet
     assert json.loads(trials.loc["t0002", "config"])["model"]["hidden"] == [3]
     epochs = pd.read_parquet(tmp_path / "exp" / "epochs.parquet")
@@ -71,3 +72,104 @@ def test_storage_accepts_file_uris_and_finds_the_latest_experiment(tmp_path: Pat
     assert find_experiment(str(tmp_path), "old").name == "old"
     with pytest.raises(UserError, match="not found"):
         find_experiment(str(tmp_path), "missing")
+
+
+def _epoch(e: int, acc: float, **extra: float) -> dict:
+    return {"epoch": e, "val_acc": acc, "val_loss": 1 - acc, "val_top5": 1.0, "train_loss": 1.0, "train_acc": 0.5,
+            "train_time_s": 0.25, "epoch_time_s": 0.5, **extra}
+
+
+def _frames_of(tmp_path: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return pd.read_parquet(tmp_path / "exp" / "trials.parquet"), pd.read_parquet(tmp_path / "exp" / "epochs.parquet")
+
+
+def test_a_dead_attempts_better_results_do_not_survive_a_retry(tmp_path: Path) -> None:
+    log = _log(tmp_path)
+    log.add_pending("t0000", 0, {"model": {"family": "mlp"}}, 1)
+    log.trial_started("t0000", {})
+    log.trial_result("t0000", _epoch(1, 0.9))  # the first attempt got lucky, then its worker died
+    log.trial_errored("t0000", "worker died")
+    log.trial_retried("t0000")
+    log.trial_started("t0000", {})
+    row = log.rows["t0000"]
+    assert (row["best_val_acc"], row["best_epoch"], row["epochs_run"], row["train_time_s"], row["error"]) == (None, None, 0, 0.0, None)
+    for e, acc in enumerate([0.3, 0.4, 0.35], 1):
+        log.trial_result("t0000", _epoch(e, acc))
+    log.trial_finished("t0000", {})
+    trials, epochs = _frames_of(tmp_path)
+    t = trials.set_index("trial_id").loc["t0000"]
+    assert (t.best_val_acc, t.best_epoch, t.epochs_run, t.status, t.attempts) == (0.4, 2, 3, "completed", 2)
+    assert t.train_time_s == pytest.approx(0.75) and t.epoch_time_s == pytest.approx(1.5)
+    assert_summaries_derived(trials, epochs)
+    assert log.best() is not None and log.best()["best_val_acc"] == 0.4
+
+
+def test_an_oom_report_adds_no_epoch_row_and_keeps_epochs_run(tmp_path: Path) -> None:
+    log = _log(tmp_path)
+    log.add_pending("t0000", 0, {"model": {"family": "mlp"}}, 1)
+    log.trial_started("t0000", {})
+    log.trial_result("t0000", _epoch(1, 0.3))
+    log.trial_result("t0000", _epoch(2, 0.4))
+    oom = {"trial_id": "t0000", "params": 7, "status": "oom", "error": "out of memory: CUDA"}
+    log.trial_result("t0000", oom)  # what trial.py reports when epoch 3 runs out of memory
+    log.trial_finished("t0000", oom)
+    trials, epochs = _frames_of(tmp_path)
+    t = trials.set_index("trial_id").loc["t0000"]
+    assert (t.status, t.epochs_run, t.best_val_acc, t.params) == ("oom", 2, 0.4, 7)
+    assert t.error == "out of memory: CUDA"
+    assert len(epochs) == 2
+    assert_summaries_derived(trials, epochs)
+
+
+def test_resume_forgets_an_unfinished_trials_summary(tmp_path: Path) -> None:
+    """What _plan does on --resume: unfinished trials lose their epochs, and with them their summary."""
+    log = _log(tmp_path)
+    for i in range(2):
+        log.add_pending(f"t{i:04d}", i, {"model": {"family": "mlp"}}, 1)
+        log.trial_started(f"t{i:04d}", {})
+        log.trial_result(f"t{i:04d}", _epoch(1, 0.5 + i / 10))
+    log.trial_finished("t0000", {})
+    trials, epochs = _frames_of(tmp_path)  # t0001 still "running" when the driver died
+    resumed = TrialLog(log.exp, metric="val_acc", mode="max", max_epochs=3, flush_every_s=0, trials=trials, epochs=epochs)
+    resumed.epochs = [e for e in resumed.epochs if resumed.rows[e["trial_id"]]["status"] == "stopped"]
+    assert resumed.rows["t0001"]["best_val_acc"] is None and resumed.rows["t0001"]["epochs_run"] == 0
+    assert resumed.rows["t0000"]["best_val_acc"] == 0.5
+    assert resumed.best()["trial_id"] == "t0000"
+
+
+def test_summaries_are_recomputed_from_stored_epochs(tmp_path: Path) -> None:
+    """A trials.parquet written by an older version (stale best_*) is corrected on load."""
+    log = _log(tmp_path)
+    log.add_pending("t0000", 0, {"model": {"family": "mlp"}}, 1)
+    log.trial_started("t0000", {})
+    log.trial_result("t0000", _epoch(1, 0.2))
+    trials, epochs = _frames_of(tmp_path)
+    trials["best_val_acc"] = 0.99
+    epochs = pd.concat([epochs, pd.DataFrame([{"trial_id": "t0000", "epoch": None, "val_acc": None}])])  # old OOM row
+    loaded = TrialLog(log.exp, metric="val_acc", mode="max", max_epochs=3, trials=trials, epochs=epochs)
+    assert loaded.rows["t0000"]["best_val_acc"] == 0.2
+    assert len(loaded.epochs) == 1
+
+
+def test_a_reported_epoch_again_replaces_the_earlier_attempts_rows(tmp_path: Path) -> None:
+    """A restored attempt (from a checkpoint at epoch 1) reports epoch 2 again: its rows replace the old ones."""
+    log = _log(tmp_path)
+    log.add_pending("t0000", 0, {"model": {"family": "mlp"}}, 1)
+    log.trial_started("t0000", {})
+    for e, acc in enumerate([0.3, 0.9, 0.8], 1):
+        log.trial_result("t0000", _epoch(e, acc))
+    log.trial_started("t0000", {}, resumed_from_epoch=1)
+    assert [e["epoch"] for e in log.epochs] == [1]
+    log.trial_result("t0000", _epoch(2, 0.5))
+    assert (log.rows["t0000"]["best_val_acc"], log.rows["t0000"]["epochs_run"]) == (0.5, 2)
+
+
+@pytest.mark.parametrize("mode,metric,expected_epoch", [("max", "val_acc", 2), ("min", "val_loss", 2)])
+def test_best_epoch_by_metric_and_mode(tmp_path: Path, mode: str, metric: str, expected_epoch: int) -> None:
+    exp = Experiment(str(tmp_path), "exp")
+    log = TrialLog(exp, metric=metric, mode=mode, max_epochs=3, flush_every_s=0)
+    log.add_pending("t0000", 0, {}, 1)
+    log.trial_started("t0000", {})
+    for e, acc in enumerate([0.3, 0.6, 0.6], 1):  # ties go to the earlier epoch
+        log.trial_result("t0000", _epoch(e, acc))
+    assert log.rows["t0000"]["best_epoch"] == expected_epoch

@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
+from conftest import assert_summaries_derived
 
 from cifar_tune.cli import main
 from cifar_tune.spec import parse_spec
@@ -64,8 +65,9 @@ def _frames(storage: Path, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _check_consistent(trials: pd.DataFrame, epochs: pd.DataFrame) -> None:
-    """epochs.parquet and trials.parquet tell the same story."""
+    """epochs.parquet and trials.parquet tell the same story, for every trial whatever its fate."""
     assert trials["trial_id"].is_unique
+    assert_summaries_derived(trials, epochs)
     for row in trials.itertuples():
         ep = epochs[epochs.trial_id == row.trial_id]
         assert len(ep) == row.epochs_run, row.trial_id
@@ -78,9 +80,9 @@ def _check_consistent(trials: pd.DataFrame, epochs: pd.DataFrame) -> None:
 def test_search_end_to_end_with_failures(tmp_path: Path) -> None:
     spec = json.loads(json.dumps(SPEC))
     spec["search"]["max_failures"] = 1
-    # t0001 raises at epoch 1 (recorded as error, search goes on);
-    # t0003's worker process dies at epoch 1 once (retried, then completes normally)
-    env = {"CIFAR_TUNE_FAULTS": "t0001=raise@1,t0003=exit@1", "CIFAR_TUNE_FAULT_DIR": str(tmp_path)}
+    # t0001 raises at epoch 1 (recorded as error, search goes on); t0002 runs out of memory in its
+    # first epoch; t0003's worker process dies at epoch 1 once (retried, then completes normally)
+    env = {"CIFAR_TUNE_FAULTS": "t0001=raise@1,t0002=oom@1,t0003=exit@1", "CIFAR_TUNE_FAULT_DIR": str(tmp_path)}
     proc = _run(spec, tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials, epochs = _frames(tmp_path, "e2e")
@@ -88,14 +90,15 @@ def test_search_end_to_end_with_failures(tmp_path: Path) -> None:
     assert len(trials) == 8  # grid of 4 optimizers x num_samples 2
     assert status["t0000"] == status["t0004"] == "diverged"
     assert status["t0001"] == "error"
+    assert status["t0002"] == "oom" and "injected out of memory" in trials.set_index("trial_id").loc["t0002", "error"]
     assert "injected fault in t0001" in trials.set_index("trial_id").loc["t0001", "error"]
     assert status["t0003"] in ("completed", "stopped")
     assert trials.set_index("trial_id").loc["t0003", "attempts"] == 2
     assert "stopped" in status.values()  # ASHA stopped at least one trial early
     assert "completed" in status.values()
-    assert not set(status.values()) - {"completed", "stopped", "diverged", "error"}
+    assert not set(status.values()) - {"completed", "stopped", "diverged", "error", "oom"}
+    _check_consistent(trials, epochs)  # diverged, failed, retried and OOM trials included
     ok = trials[trials.status.isin(["completed", "stopped"])]
-    _check_consistent(ok, epochs)
     assert (ok.best_val_acc > 0.25).any()  # something learned above 4-class chance
     assert (trials[trials.status == "completed"].epochs_run == 4).all()
     assert (trials[trials.status == "stopped"].epochs_run < 4).all()
@@ -129,11 +132,14 @@ def test_resume_after_killing_the_driver(tmp_path: Path, capsys: pytest.CaptureF
     spec["name"] = "killed"
     spec["search"].update(num_samples=2, max_concurrent=1, scheduler={"name": "fifo", "max_epochs": 3})
     spec["space"]["optimizer"] = {"name": "sgd", "lr": {"loguniform": [0.01, 0.1]}, "momentum": 0.9}
-    spec["search"]["num_samples"] = 5
+    spec["search"].update(num_samples=5, max_failures=1)
     path = tmp_path / "killed.yaml"
     path.write_text(yaml.safe_dump(spec))
     cmd = [sys.executable, "-m", "cifar_tune", "search", str(path), "--storage", str(tmp_path), "--no-dashboard", "--num-cpus", "2"]
-    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # t0001 runs out of memory in epoch 2 (after reporting epoch 1); t0003's worker dies once at epoch 2,
+    # after reporting epoch 1 (before or after the driver is killed): its retry must not inherit that row
+    env = {**os.environ, "CIFAR_TUNE_FAULTS": "t0001=oom@2,t0003=exit@2", "CIFAR_TUNE_FAULT_DIR": str(tmp_path)}
+    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
     trials_path = tmp_path / "killed" / "trials.parquet"
     deadline = time.monotonic() + 180
     before = None
@@ -148,16 +154,19 @@ def test_resume_after_killing_the_driver(tmp_path: Path, capsys: pytest.CaptureF
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray instance it started
     driver.wait(timeout=30)
     before = pd.read_parquet(trials_path)  # what was on disk when the driver died
-    finished_before = before[before.status == "completed"].set_index("trial_id")
+    finished_before = before[before.status.isin(["completed", "oom"])].set_index("trial_id")
     _show(capsys, f"resume test, before SIGKILL of the driver: {len(finished_before)} finished of {len(before)} trials")
 
-    proc = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=240)
+    proc = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{len(finished_before)} finished trials kept" in proc.stdout
     after, epochs = _frames(tmp_path, "killed")
     _show(capsys, f"resume test, after --resume: {(after.status == 'completed').sum()} finished of {len(after)} trials")
     assert len(after) == 5 and after.trial_id.is_unique
-    assert (after.status == "completed").all()
+    status = after.set_index("trial_id").status
+    assert status["t0001"] == "oom" and after.set_index("trial_id").epochs_run["t0001"] == 1
+    assert (status.drop("t0001") == "completed").all()
+    assert after.set_index("trial_id").attempts["t0003"] >= 2
     kept = after.set_index("trial_id").loc[finished_before.index]
     # finished trials were neither lost nor repeated: same results, same single attempt
     assert (kept.best_val_acc == finished_before.best_val_acc).all()
