@@ -318,15 +318,22 @@ def onecycle(
     pct = _in_range("pct_start", pct_start, 0.0, 1.0, lo_open=True)
     start = 1.0 / _in_range("div_factor", div_factor, 1.0, math.inf, hi_open=True)
     end = start / _in_range("final_div_factor", final_div_factor, 1.0, math.inf, hi_open=True)
-    peak_step = pct * total_steps
+    # PyTorch's phase boundaries: the peak is the lr of step pct*T - 1 and the final lr that of the last
+    # step, T - 1, that runs (a float peak step, as in OneCycleLR)
+    peak_step = float(pct * total_steps) - 1.0
+    last_step = float(total_steps - 1)
 
-    def anneal(a: float, b: float, p: float) -> float:
-        return b + (a - b) * 0.5 * (1.0 + math.cos(math.pi * p))
+    def anneal(a: float, b: float, p: float) -> float:  # OneCycleLR._annealing_cos, same operation order
+        return b + (a - b) / 2.0 * (math.cos(math.pi * p) + 1.0)
+
+    def progress(t: int, lo: float, hi: float) -> float:
+        # a phase of zero length (OneCycleLR divides by zero there) is already at its end value
+        return (t - lo) / (hi - lo) if hi != lo else 1.0
 
     def factor(t: int) -> float:
         if t <= peak_step:
-            return anneal(start, 1.0, t / peak_step)
-        return anneal(1.0, end, min((t - peak_step) / (total_steps - peak_step), 1.0))
+            return anneal(start, 1.0, progress(t, 0.0, peak_step))
+        return anneal(1.0, end, min(progress(t, peak_step, last_step), 1.0))  # clamped past the run's end
 
     return factor
 

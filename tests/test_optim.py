@@ -165,11 +165,13 @@ def test_cosine_ends_at_min() -> None:
 
 
 def test_onecycle_peaks_at_pct_start() -> None:
+    """As OneCycleLR: the peak is the lr of step pct*T - 1, the final lr that of the last step, T - 1."""
     lrs = _curve({"name": "onecycle", "pct_start": 0.25, "div_factor": 10.0, "final_div_factor": 100.0})
-    assert max(range(len(lrs)), key=lrs.__getitem__) == 25
-    assert lrs[25] == pytest.approx(1.0)
+    assert max(range(len(lrs)), key=lrs.__getitem__) == 24
+    assert lrs[24] == pytest.approx(1.0)
     assert lrs[0] == pytest.approx(0.1)
-    assert lrs[-1] == pytest.approx(0.1 / 100.0)
+    assert lrs[99] == pytest.approx(0.1 / 100.0)  # the last step that runs
+    assert lrs[100] == lrs[99]  # after the run: held at the final lr
 
 
 def test_step_drops_at_fraction() -> None:
@@ -202,7 +204,7 @@ def test_warmup_ramps_linearly_then_hands_over() -> None:
     [
         {"name": "cosine", "min_lr_frac": 0.1},
         {"name": "cosine", "min_lr_frac": 0.1, "warmup_frac": 0.1},
-        {"name": "onecycle", "pct_start": 0.2},
+        # onecycle is not here: like OneCycleLR its phases end at steps pct*T - 1 and T - 1, not at fractions
         {"name": "step", "every_frac": 0.25},
         {"name": "multistep", "milestones_frac": [0.5, 0.75]},
         {"name": "exponential", "final_lr_frac": 0.05},
@@ -294,3 +296,94 @@ def test_bad_run_length() -> None:
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ValueError, match="steps_per_epoch: must be an integer >= 1"):
         build_schedule(opt, {"name": "cosine"}, epochs=10, steps_per_epoch=0)
+
+
+# ------------------------------------------------------------- schedules vs torch.optim.lr_scheduler
+
+BASE_LR = 0.4
+LRS = torch.optim.lr_scheduler
+
+
+def _torch_equivalent(cfg: dict[str, Any], opt: torch.optim.Optimizer, total: int) -> LRS.LRScheduler:
+    """PyTorch's scheduler for ``cfg`` over ``total`` steps, by the mapping the README documents."""
+    name = cfg["name"]
+    hp = {k: v for k, v in cfg.items() if k not in ("name", "warmup_frac")}
+    defaults = {k: p.default for k, p in SCHEDULES.hyperparameters(name).items()}
+    hp = {**defaults, **hp}
+    if name == "none":
+        main: LRS.LRScheduler = LRS.ConstantLR(opt, factor=1.0, total_iters=0)
+    elif name == "onecycle":
+        main = LRS.OneCycleLR(opt, max_lr=BASE_LR, total_steps=total, pct_start=hp["pct_start"], anneal_strategy="cos",
+                              cycle_momentum=False, div_factor=hp["div_factor"], final_div_factor=hp["final_div_factor"])
+    elif name == "cosine":
+        main = LRS.CosineAnnealingLR(opt, T_max=total, eta_min=hp["min_lr_frac"] * BASE_LR)
+    elif name == "step":
+        main = LRS.StepLR(opt, step_size=max(1, round(hp["every_frac"] * total)), gamma=hp["gamma"])
+    elif name == "multistep":
+        main = LRS.MultiStepLR(opt, milestones=[max(1, round(f * total)) for f in hp["milestones_frac"]], gamma=hp["gamma"])
+    elif name == "exponential":
+        main = LRS.ExponentialLR(opt, gamma=hp["final_lr_frac"] ** (1 / total))
+    else:
+        raise AssertionError(f"no PyTorch counterpart listed for {name}")
+    warmup = round(cfg.get("warmup_frac", 0.0) * total)
+    if not warmup:
+        return main
+    # our warmup factor (t+1)/(W+1) is LinearLR from 1/(W+1) to 1 over W steps, multiplied in
+    return LRS.ChainedScheduler([LRS.LinearLR(opt, start_factor=1 / (warmup + 1), end_factor=1.0, total_iters=warmup), main])
+
+
+REFERENCE_CASES = [
+    {"name": "none"},
+    {"name": "onecycle"},
+    {"name": "onecycle", "pct_start": 0.25, "div_factor": 10.0, "final_div_factor": 100.0},
+    {"name": "onecycle", "pct_start": 0.5},
+    {"name": "cosine"},
+    {"name": "cosine", "min_lr_frac": 0.05},
+    {"name": "cosine", "warmup_frac": 0.2},
+    {"name": "step"},
+    {"name": "step", "every_frac": 0.25, "gamma": 0.5},
+    {"name": "multistep"},
+    {"name": "multistep", "milestones_frac": [0.1, 0.35, 0.9], "gamma": 0.3},
+    {"name": "exponential"},
+    {"name": "exponential", "final_lr_frac": 0.2},
+]
+
+
+def test_every_step_schedule_has_a_reference_case() -> None:
+    assert {c["name"] for c in REFERENCE_CASES} == set(SCHEDULES) - {"plateau"}  # plateau: its own test below
+
+
+@pytest.mark.parametrize("total", [10, 37, 100, 7])
+@pytest.mark.parametrize("cfg", REFERENCE_CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_schedule_equals_pytorch_step_by_step(cfg: dict[str, Any], total: int) -> None:
+    """The lr each optimizer step uses: ours and torch.optim.lr_scheduler's, to 1e-9 relative."""
+    ours_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=BASE_LR)
+    ours = build_schedule(ours_opt, cfg, epochs=1, steps_per_epoch=total)
+    ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=BASE_LR)
+    ref = _torch_equivalent(cfg, ref_opt, total)
+    for t in range(total):
+        a, b = ours.lr(), ref_opt.param_groups[0]["lr"]
+        assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-300), f"step {t} of {total}: ours {a!r}, PyTorch {b!r}"
+        ours_opt.step()
+        ref_opt.step()
+        ours.step_batch()
+        ref.step()
+
+
+@pytest.mark.parametrize("epochs", [10, 37])
+def test_plateau_equals_reduce_lr_on_plateau(epochs: int) -> None:
+    factor, patience_frac, threshold = 0.5, 0.1, 1e-3
+    ours_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=BASE_LR)
+    ours = build_schedule(ours_opt, {"name": "plateau", "factor": factor, "patience_frac": patience_frac, "threshold": threshold},
+                          epochs=epochs, steps_per_epoch=3)
+    ref_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=BASE_LR)
+    ref = LRS.ReduceLROnPlateau(ref_opt, mode="min", factor=factor, patience=max(1, round(patience_frac * epochs)),
+                                threshold=threshold, threshold_mode="rel", eps=0.0)
+    gen = torch.Generator().manual_seed(epochs)
+    losses = (2.0 + torch.rand(epochs, generator=gen) - torch.linspace(0, 1.5, epochs)).tolist()
+    losses[epochs // 2] = float("nan")  # a NaN validation loss counts as no improvement in both
+    for loss in losses:
+        ours.step_epoch(loss)
+        ref.step(loss)
+        assert ours.lr() == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-12)
+    assert ours.lr() < BASE_LR  # the sequence did trigger reductions
