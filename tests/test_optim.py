@@ -387,3 +387,60 @@ def test_plateau_equals_reduce_lr_on_plateau(epochs: int) -> None:
         ref.step(loss)
         assert ours.lr() == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-12)
     assert ours.lr() < BASE_LR  # the sequence did trigger reductions
+
+
+# ------------------------------------------------------------------ optimizers vs torch.optim by hand
+
+# per optimizer: a config with every key off its default, and torch.optim's constructor called by hand
+# with the same values (a swapped beta, a dropped key or a wrong default shows up as different weights)
+BY_HAND: dict[str, tuple[dict[str, Any], Any]] = {
+    "sgd": ({"lr": 0.07, "momentum": 0.8, "dampening": 0.0, "nesterov": True, "weight_decay": 0.01},
+            lambda p: torch.optim.SGD(p, lr=0.07, momentum=0.8, dampening=0.0, nesterov=True, weight_decay=0.01)),
+    "adam": ({"lr": 0.02, "beta1": 0.8, "beta2": 0.95, "eps": 1e-6, "weight_decay": 0.03, "amsgrad": True},
+             lambda p: torch.optim.Adam(p, lr=0.02, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.03, amsgrad=True)),
+    "adamw": ({"lr": 0.02, "beta1": 0.7, "beta2": 0.9, "eps": 1e-7, "weight_decay": 0.2, "amsgrad": True},
+              lambda p: torch.optim.AdamW(p, lr=0.02, betas=(0.7, 0.9), eps=1e-7, weight_decay=0.2, amsgrad=True)),
+    "rmsprop": ({"lr": 0.005, "alpha": 0.9, "momentum": 0.5, "eps": 1e-6, "centered": True, "weight_decay": 0.01},
+                lambda p: torch.optim.RMSprop(p, lr=0.005, alpha=0.9, momentum=0.5, eps=1e-6, centered=True, weight_decay=0.01)),
+    "adagrad": ({"lr": 0.05, "lr_decay": 0.01, "initial_accumulator_value": 0.1, "eps": 1e-8, "weight_decay": 0.01},
+                lambda p: torch.optim.Adagrad(p, lr=0.05, lr_decay=0.01, initial_accumulator_value=0.1, eps=1e-8, weight_decay=0.01)),
+}
+TORCH_CLASS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+               "rmsprop": torch.optim.RMSprop, "adagrad": torch.optim.Adagrad}
+
+
+def _train_20_steps(make_opt: Any) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    opt = make_opt(list(model.parameters()))
+    for _ in range(20):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_every_optimizer_has_a_by_hand_reference() -> None:
+    assert set(BY_HAND) == set(OPTIMIZERS) == set(TORCH_CLASS)
+    for name, (cfg, _) in BY_HAND.items():  # every hyperparameter is exercised off its default
+        defaults = {k: p.default for k, p in OPTIMIZERS.hyperparameters(name).items()}
+        assert set(cfg) == set(defaults), name
+        assert [k for k in cfg if cfg[k] == defaults[k] and k != "dampening"] == [], name
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_optimizer_equals_torch_optim_built_by_hand(name: str) -> None:
+    cfg, by_hand = BY_HAND[name]
+    ours = _train_20_steps(lambda p: build_optimizer(p, {"name": name, **cfg}))
+    ref = _train_20_steps(by_hand)
+    assert all(torch.equal(a, b) for a, b in zip(ours, ref, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(ours, _train_20_steps(lambda p: TORCH_CLASS[name](p, lr=cfg["lr"])), strict=True))
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_optimizer_defaults_equal_torch_optim_defaults(name: str) -> None:
+    ours = _train_20_steps(lambda p: build_optimizer(p, {"name": name}))
+    ref = _train_20_steps(lambda p: TORCH_CLASS[name](p))
+    assert all(torch.equal(a, b) for a, b in zip(ours, ref, strict=True))
