@@ -9,6 +9,9 @@ Rows (same model, batch size, thread count and seed-000 augmentations for every 
                     seeds do) feeding the same step
     d  augmentation alone: our batched transform vs the PIL transforms in a Python loop (no DataLoader)
     e  a short real ASHA search on Ray Tune: efficiency and trial start-up on a reused worker
+    f  augmentation policies alone (RandAugment 2 ops / magnitude 9, AutoAugment CIFAR-10, TrivialAugmentWide):
+       our batched per-image-random ``cifar_tune.policies`` vs torchvision's ``transforms.v2`` policy applied
+       image by image to uint8 tensors
 
 The machine is shared and noisy, so variants are interleaved round by round (a, b, c, a, b, c, ...)
 and the report gives medians; ratios are medians of the per-round ratios, so slow spells cancel out.
@@ -63,6 +66,7 @@ TARGETS = {  # (ratio key, model the target applies to or None for all, minimum)
     "b_over_c": {"lenet": 2.0},
     "d_batched_over_per_image": {None: 10.0},
     "tune_efficiency": {None: 0.75},
+    "f_randaugment_batched_over_per_image": {None: 10.0},
 }
 REUSED_START_TARGET_S = 1.0
 
@@ -78,6 +82,8 @@ class BenchOptions:
     augment_images: int = 1024  # images per round of row d
     num_workers: int = 2  # DataLoader workers of row c (the seeds' setting)
     search: bool = True
+    policies: bool = True  # row f
+    only_policies: bool = False  # row f alone (no model rows a-d, no search)
     search_trials: int = 16
     search_concurrent: int = 2
     search_epochs: int = 4  # ASHA max_epochs (grace 1, reduction factor 2)
@@ -347,6 +353,85 @@ def measure_throughput(opts: BenchOptions, out: Callable[[str], None] = print) -
                                          for k, r in rows.items()}, "ratios": ratios}
 
 
+# ------------------------------------------------------------------------------------------ f: policies
+
+POLICIES: dict[str, tuple[dict[str, Any], str]] = {  # name -> (our config, torchvision v2 constructor call)
+    "randaugment": ({"num_ops": 2, "magnitude": 9}, "RandAugment(num_ops=2, magnitude=9)"),
+    "autoaugment": ({"policy": "cifar10"}, "AutoAugment(AutoAugmentPolicy.CIFAR10)"),
+    "trivialaugment": ({}, "TrivialAugmentWide()"),
+}
+
+
+def _torchvision_policy(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    from torchvision.transforms import v2
+
+    return {"randaugment": lambda: v2.RandAugment(num_ops=2, magnitude=9),
+            "autoaugment": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10),
+            "trivialaugment": v2.TrivialAugmentWide}[name]()
+
+
+def batched_policy_images_per_s(policy: Callable[[torch.Tensor, torch.Generator], torch.Tensor], x: torch.Tensor,
+                                batch_size: int, generator: torch.Generator) -> float:
+    _sync(x.device)
+    t0 = time.perf_counter()
+    for start in range(0, len(x) - batch_size + 1, batch_size):
+        policy(x[start : start + batch_size], generator)
+    _sync(x.device)
+    return (len(x) // batch_size) * batch_size / (time.perf_counter() - t0)
+
+
+def per_image_policy_images_per_s(transform: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    torch.stack([transform(img) for img in x])
+    return len(x) / (time.perf_counter() - t0)
+
+
+def measure_policies(opts: BenchOptions, out: Callable[[str], None] = print) -> dict[str, Any]:
+    """Row f: each policy batched (all threads and 1 thread) vs torchvision per image, interleaved rounds."""
+    from cifar_tune.augment import AUGMENTS
+
+    threads = opts.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    device = torch.device(opts.device)
+    n = max(opts.augment_images, opts.batch_size)
+    x_cpu, _ = synthetic_images(n, seed=0)
+    x = x_cpu.to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    torch.manual_seed(0)  # torchvision's policies draw from the global generator
+    rows: dict[str, Row] = {}
+    variants: dict[str, Callable[[], float]] = {}
+    for name, (cfg, tv_call) in POLICIES.items():
+        ours, theirs = AUGMENTS.build(name, **cfg), _torchvision_policy(name)
+        rows[f"f_{name}_batched"] = Row(f"f_{name}_batched", f"{name} {cfg}: batched, per-image draws (ours)")
+        rows[f"f_{name}_batched_1t"] = Row(f"f_{name}_batched_1t", f"{name}: batched, 1 thread")
+        rows[f"f_{name}_per_image"] = Row(f"f_{name}_per_image", f"torchvision v2.{tv_call}, image by image")
+
+        def batched(p: Any = ours) -> float:
+            return batched_policy_images_per_s(p, x, opts.batch_size, gen)
+
+        def one_thread(p: Any = ours) -> float:
+            torch.set_num_threads(1)
+            try:
+                return batched_policy_images_per_s(p, x, opts.batch_size, gen)
+            finally:
+                torch.set_num_threads(threads)
+
+        variants[f"f_{name}_batched"] = batched
+        variants[f"f_{name}_batched_1t"] = one_thread
+        variants[f"f_{name}_per_image"] = lambda t=theirs: per_image_policy_images_per_s(t, x_cpu[: opts.augment_images])
+    out(f"bench f: policies on {n} uint8 32x32 images, batch {opts.batch_size}, {threads} torch threads, "
+        f"{opts.rounds} interleaved rounds")
+    _interleave(variants, rows, opts.rounds)
+    ratios = {}
+    for name in POLICIES:
+        per_image = rows[f"f_{name}_per_image"]
+        ratios[f"f_{name}_batched_over_per_image"] = statistics.median(_round_ratios(rows[f"f_{name}_batched"], per_image))
+        ratios[f"f_{name}_batched_1t_over_per_image"] = statistics.median(
+            _round_ratios(rows[f"f_{name}_batched_1t"], per_image))
+    return {"threads": threads, "rows": {k: {"what": r.what, "images_per_s": r.images_per_s, "samples": r.samples}
+                                         for k, r in rows.items()}, "ratios": ratios}
+
+
 # ------------------------------------------------------------------------------------------ e: search
 
 
@@ -480,12 +565,18 @@ def run_bench(opts: BenchOptions, out: Callable[[str], None] = print) -> dict[st
         "env": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
                 "cores": os.cpu_count()},
     }
-    report.update(measure_throughput(opts, out))
-    if opts.search:
+    if opts.only_policies:
+        report.update(threads=opts.threads or torch.get_num_threads(), rows={}, ratios={})
+    else:
+        report.update(measure_throughput(opts, out))
+    if opts.policies or opts.only_policies:
+        report["policies"] = measure_policies(opts, out)
+    if opts.search and not opts.only_policies:
         # a trial gets 1 CPU (OMP_NUM_THREADS=1): size its data by one thread's share of row b
         b_1t = report["rows"]["b"]["images_per_s"] / report["threads"]
         report["search"] = measure_search(opts, b_1t, out)
-    report["targets"] = _target_checks(opts.model, report["ratios"], report.get("search"))
+    ratios = {**report["ratios"], **report.get("policies", {}).get("ratios", {})}
+    report["targets"] = _target_checks(opts.model, ratios, report.get("search"))
     return report
 
 
@@ -511,11 +602,19 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
              f"torch {report['env']['torch']}, {report['env']['cores']} cores", ""]
     if command:
         lines += [f"command: `{command}`", ""]
-    lines += ["| row | what | images/s |", "|---|---|---:|"]
-    for key, row in report["rows"].items():
-        lines.append(f"| {key} | {row['what']} | {row['images_per_s']:,.0f} |")
-    lines += ["", "| ratio | value |", "|---|---:|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in report["ratios"].items()]
+    if report["rows"]:  # absent with --only-policies
+        lines += ["| row | what | images/s |", "|---|---|---:|"]
+        for key, row in report["rows"].items():
+            lines.append(f"| {key} | {row['what']} | {row['images_per_s']:,.0f} |")
+        lines += ["", "| ratio | value |", "|---|---:|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in report["ratios"].items()]
+    if "policies" in report:
+        pol = report["policies"]
+        lines += ["", f"row f, policies ({pol['threads']} torch threads for `batched`):", "",
+                  "| row | what | images/s |", "|---|---|---:|"]
+        lines += [f"| {k} | {r['what']} | {r['images_per_s']:,.0f} |" for k, r in pol["rows"].items()]
+        lines += ["", "| ratio | value |", "|---|---:|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in pol["ratios"].items()]
     if "search" in report:
         s = report["search"]
         lines += ["", "| search (e) | value |", "|---|---:|"]

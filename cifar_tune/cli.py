@@ -158,7 +158,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     # several models: rows a-d for each, the search (row e) once, with the first model
     opts = [BenchOptions(model=m, device=args.device, batch_size=args.batch_size, threads=args.threads,
-                         epoch_images=args.epoch_images, rounds=args.rounds, search=not args.no_search and i == 0)
+                         epoch_images=args.epoch_images, rounds=args.rounds, search=not args.no_search and i == 0,
+                         policies=i == 0, only_policies=args.only_policies)
             for i, m in enumerate(args.model.split(","))]
     try:
         report = run_benches(opts)
@@ -254,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds per variant (default 5)")
     p.add_argument("--json", default=None, metavar="OUT", help="write OUT (JSON) and OUT with .md (tables)")
     p.add_argument("--no-search", action="store_true", help="skip the Ray Tune search (row e)")
+    p.add_argument("--only-policies", action="store_true",
+                   help="run only row f: batched AutoAugment/RandAugment/TrivialAugment vs torchvision per image")
     p.set_defaults(func=cmd_bench)
     return parser
 

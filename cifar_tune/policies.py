@@ -171,18 +171,20 @@ def _inverse_affine(code: torch.Tensor, mag: torch.Tensor, h: int, w: int) -> to
 
 
 def _geometric(x: torch.Tensor, code: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
-    """Per-image affine maps with torchvision's grid (``_affine_grid``) and nearest sampling, zero fill."""
+    """Per-image affine maps with torchvision's grid (``_affine_grid``) and nearest sampling, zero fill.
+
+    The grid is torchvision's base grid times the per-image matrix rescaled to [-1, 1], written as
+    broadcast products (a [B, HW, 3] x [B, 3, 2] ``bmm`` of tiny matrices is slower on CPU).
+    """
     b, _, h, w = x.shape
-    theta = _inverse_affine(code, mag.double(), h, w).float()
     dev = x.device
-    base = torch.empty(1, h, w, 3, device=dev)
-    base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=dev))
-    base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=dev).unsqueeze_(-1))
-    base[..., 2].fill_(1)
-    rescaled = theta.transpose(1, 2).div_(torch.tensor([0.5 * w, 0.5 * h], device=dev))
-    grid = base.view(1, h * w, 3).expand(b, h * w, 3).bmm(rescaled).view(b, h, w, 2)
+    theta = _inverse_affine(code, mag.double(), h, w).float()
+    t = theta.transpose(1, 2).div_(torch.tensor([0.5 * w, 0.5 * h], device=dev))  # [B, 3, 2]
+    xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=dev).view(1, 1, w, 1)
+    ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=dev).view(1, h, 1, 1)
+    grid = xs * t[:, None, 0:1, :] + ys * t[:, None, 1:2, :] + t[:, None, 2:3, :]  # [B, H, W, 2]
     out = F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    return out.round_().to(torch.uint8)
+    return out.to(torch.uint8)  # nearest samples of integers (or 0): exact, no rounding needed
 
 
 def _gray(xf: torch.Tensor) -> torch.Tensor:
@@ -214,12 +216,14 @@ def _blend(x: torch.Tensor, code: torch.Tensor, mag: torch.Tensor, present: froz
             degenerate = torch.where(is_op["Contrast"], gray.mean(dim=(1, 2, 3), keepdim=True), degenerate)
     out = xf * ratio + degenerate * rest
     if "Sharpness" in is_op and h > 2 and w > 2:
-        k = torch.full((3, 3), 1.0 / 13.0, device=x.device)
-        k[1, 1] = 5.0 / 13.0
-        blurred = F.conv2d(xf, k.expand(c, 1, 3, 3), groups=c).round_()
-        inner = xf[..., 1:-1, 1:-1]
         sharp = xf.clone()
-        sharp[..., 1:-1, 1:-1] = inner + (blurred - inner) * rest  # torchvision: view.add_(blur - view, alpha)
+        inner = sharp[..., 1:-1, 1:-1]
+        # torchvision's 3x3 kernel (1s around, 5 in the middle, / 13) as integer box sums: the exact value
+        # k / 13 is never within 1/26 of a .5 tie, so rounding it gives what the float conv rounds to
+        rows = xf[..., :-2, :] + xf[..., 1:-1, :] + xf[..., 2:, :]
+        box = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
+        blurred = box.add_(inner, alpha=4.0).div_(13.0).round_()
+        inner.add_(blurred.sub_(inner).mul_(rest))  # torchvision: view.add_(blurred - view, alpha=1 - f)
         out = torch.where(is_op["Sharpness"], sharp, out)
     return out.clamp_(0, 255).to(torch.uint8)
 
@@ -287,6 +291,32 @@ def apply_ops(x: torch.Tensor, code: torch.Tensor, mag: torch.Tensor,
     if "Equalize" in present:
         x = _equalize(x, code)
     return x
+
+
+# the stages of apply_ops (0: Identity, nothing to do) and, per op code, the stage it belongs to
+STAGE_OPS = (frozenset(("Identity",)), frozenset(GEOMETRIC), frozenset(BLEND),
+             frozenset(("Posterize", "Solarize", "Invert")), frozenset(("AutoContrast",)), frozenset(("Equalize",)))
+GROUP_ON_CPU = True  # False: the accelerator path everywhere (tests use it to prove it never syncs)
+STAGE_OF = torch.tensor([next(i for i, ops in enumerate(STAGE_OPS) if op in ops) for op in OPS])
+
+
+def apply_grouped(x: torch.Tensor, code: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_ops` with each stage run only on the images whose op belongs to it (same result).
+
+    Grouping needs the group sizes on the host, so it is used where the draws already live there (CPU);
+    on an accelerator :func:`apply_ops` runs every stage on the whole batch instead, with no sync.
+    """
+    stage = STAGE_OF[code]
+    counts = torch.bincount(stage, minlength=len(STAGE_OPS)).tolist()
+    order = torch.argsort(stage, stable=True)
+    xs, cs, ms = x[order], code[order], mag[order]  # images sorted by stage
+    parts = [xs[: counts[0]]]  # stage 0: Identity
+    start = counts[0]
+    for ops, n in zip(STAGE_OPS[1:], counts[1:], strict=True):
+        if n:
+            parts.append(apply_ops(xs[start : start + n], cs[start : start + n], ms[start : start + n], ops))
+        start += n
+    return torch.cat(parts)[torch.argsort(order)]  # back to the batch order
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -373,7 +403,10 @@ class Policy:
         code, mag = self.draw(g, b, h, w, x.device)
         present = self.present
         for s in range(code.shape[0]):
-            x = apply_ops(x, code[s], mag[s], present)
+            if GROUP_ON_CPU and code.device.type == "cpu":  # draws in host memory: grouping costs no sync
+                x = apply_grouped(x, code[s], mag[s])
+            else:
+                x = apply_ops(x, code[s], mag[s], present)
         return x
 
 

@@ -31,11 +31,16 @@ def test_throughput_report_has_every_row_and_sane_numbers(tmp_path: Path) -> Non
         assert _positive(row["images_per_s"]), key
     assert set(report["ratios"]) == {"b_over_a", "b_over_c", "d_batched_over_per_image", "d_batched_1t_over_per_image"}
     assert all(_positive(v) for v in report["ratios"].values())
-    assert {t["metric"] for t in report["targets"]} == {"b_over_a", "b_over_c", "d_batched_over_per_image"}
+    assert {t["metric"] for t in report["targets"]} == {"b_over_a", "b_over_c", "d_batched_over_per_image",
+                                                        "f_randaugment_batched_over_per_image"}
+    pol = report["policies"]  # row f: every policy batched, batched on 1 thread, and torchvision per image
+    assert set(pol["rows"]) == {f"f_{p}_{v}" for p in bench.POLICIES for v in ("batched", "batched_1t", "per_image")}
+    assert all(len(r["samples"]) == TINY.rounds and _positive(r["images_per_s"]) for r in pol["rows"].values())
+    assert all(_positive(v) for v in pol["ratios"].values()) and len(pol["ratios"]) == 2 * len(bench.POLICIES)
     md = bench.write_report(report, tmp_path / "bench.json", "cifar-tune bench --model lenet")
     assert json.loads((tmp_path / "bench.json").read_text())["command"] == "cifar-tune bench --model lenet"
     text = md.read_text()
-    for key in report["rows"]:
+    for key in [*report["rows"], *pol["rows"]]:
         assert f"| {key} |" in text
 
 

@@ -202,6 +202,7 @@ def test_policies_in_the_pipeline_any_size_no_host_sync(cfg: dict[str, Any], mon
         raise AssertionError("host sync inside the augmentation")
 
     with monkeypatch.context() as mp:
+        mp.setattr(P, "GROUP_ON_CPU", False)  # the path CUDA data takes: every stage on the whole batch
         for attr in ("item", "tolist", "__bool__", "nonzero", "__int__", "__float__"):
             mp.setattr(torch.Tensor, attr, forbidden)
         mp.setattr(torch, "nonzero", forbidden)
@@ -211,6 +212,14 @@ def test_policies_in_the_pipeline_any_size_no_host_sync(cfg: dict[str, Any], mon
     only = build_augment(cfg, mean=(0.5,) * 3, std=(0.25,) * 3, num_classes=5)
     res, _ = only(same, torch.zeros(16, dtype=torch.long), torch.Generator().manual_seed(0))
     assert len({bytes(r.numpy()) for r in res}) > 4  # per-image draws, not one draw per batch
+
+
+def test_grouped_cpu_path_equals_whole_batch_path() -> None:
+    x = _images(b=64, h=24, w=24, seed=5)
+    policy = AUGMENTS.build("trivialaugment")
+    code, mag = _draw(policy, n=64, seed=2)
+    assert len(set(code[0].tolist())) > 8
+    assert torch.equal(P.apply_grouped(x, code[0], mag[0]), P.apply_ops(x, code[0], mag[0]))
 
 
 @pytest.mark.parametrize(("name", "cfg", "message"), [
