@@ -1,4 +1,4 @@
-"""Datasets as uint8 tensors: CIFAR-10/100, a synthetic learnable set and user ``.npz`` files.
+"""Datasets as uint8 tensors: CIFAR-10/100, STL-10, a synthetic learnable set and user ``.npz`` files.
 
 Everything is held in memory as one uint8 ``[N, C, H, W]`` array per split (CIFAR-10 train is 150 MB),
 so a trial never touches a ``DataLoader``: batches are index slices and augmentation runs batched
@@ -24,7 +24,7 @@ import tempfile
 import threading
 import zipfile
 from collections.abc import Callable, Hashable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -143,9 +143,12 @@ CIFAR100_CLASSES = tuple(
 )
 
 
+STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
+
+
 @dataclass(frozen=True)
 class CifarSource:
-    """Where a CIFAR variant comes from and what its python-pickle release contains."""
+    """Where a CIFAR variant (or STL-10) comes from and which files of its release are read and verified."""
 
     title: str
     url: str
@@ -154,16 +157,17 @@ class CifarSource:
     folder: str  # what the archive extracts to, inside the data root
     train_files: tuple[tuple[str, str], ...]  # (file name, md5)
     test_files: tuple[tuple[str, str], ...]
-    meta_file: tuple[str, str]
+    meta_file: tuple[str, str] | None  # None: class names are fixed (STL-10's class_names.txt has no md5)
     meta_key: str  # class-name list inside the meta pickle
     label_key: str  # "labels" (CIFAR-10) or "fine_labels" (CIFAR-100)
     classes: tuple[str, ...]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    image_size: int = 32
 
     @property
     def all_files(self) -> tuple[tuple[str, str], ...]:
-        return (*self.train_files, *self.test_files, self.meta_file)
+        return (*self.train_files, *self.test_files, *((self.meta_file,) if self.meta_file else ()))
 
 
 def _source_from(cls: Any, title: str, label_key: str, classes: tuple[str, ...],
@@ -199,6 +203,8 @@ class _Sources(dict[str, CifarSource]):
         elif key == "cifar100":
             src = _source_from(CIFAR100, "CIFAR-100", "fine_labels", CIFAR100_CLASSES,
                                (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761))
+        elif key == "stl10":
+            src = _stl10_source()
         else:
             raise KeyError(key)
         self[key] = src
@@ -206,6 +212,20 @@ class _Sources(dict[str, CifarSource]):
 
 
 CIFAR_SOURCES: dict[str, CifarSource] = _Sources()
+
+
+def _stl10_source() -> CifarSource:
+    from torchvision.datasets import STL10
+
+    # the 2.6 GB unlabeled_X.bin is neither read nor verified: only the labelled splits are used
+    labelled = tuple((name, md5) for name, md5 in STL10.train_list if not name.startswith("unlabeled"))
+    return CifarSource(
+        title="STL-10", url=STL10.url, archive=STL10.filename, archive_md5=STL10.tgz_md5, folder=STL10.base_folder,
+        train_files=labelled, test_files=tuple((name, md5) for name, md5 in STL10.test_list), meta_file=None,
+        meta_key="", label_key="", classes=STL10_CLASSES,
+        # the normalisation commonly used for STL-10 (per-channel mean/std of x / 255)
+        mean=(0.4467, 0.4398, 0.4066), std=(0.2603, 0.2566, 0.2713), image_size=96,
+    )
 
 
 def check_integrity(path: str, md5: str) -> bool:
@@ -336,12 +356,41 @@ def read_cifar(src: CifarSource, folder: Path, train: bool) -> _Arrays:
     return _Arrays(np.ascontiguousarray(np.concatenate(xs)), y, classes)
 
 
+def _read_binary(path: Path) -> np.ndarray:
+    try:
+        return np.fromfile(path, dtype=np.uint8)
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {_one_line(err)}") from err
+
+
+def read_stl10(src: CifarSource, folder: Path, train: bool) -> _Arrays:
+    """Read STL-10's binary release (raw bytes, no pickle): ``*_X.bin`` uint8 images of 3 x 96 x 96, each
+    channel stored column-major; ``*_y.bin`` uint8 labels 1..10 (returned as 0..9)."""
+    files = dict(src.train_files if train else src.test_files)
+    x_name, y_name = (next(n for n in files if n.endswith(suffix)) for suffix in ("_X.bin", "_y.bin"))
+    s = src.image_size
+    raw = _read_binary(folder / x_name)
+    if raw.size % (3 * s * s):
+        raise DataError(f"{folder / x_name}: {raw.size} bytes is not a whole number of 3x{s}x{s} images")
+    # each image is stored channel by channel, column-major within a channel (as torchvision reads it)
+    x = raw.reshape(-1, 3, s, s).transpose(0, 1, 3, 2)
+    y = _read_binary(folder / y_name).astype(np.int64) - 1
+    if y.shape != (x.shape[0],):
+        raise DataError(f"{folder / y_name}: {y.size} labels for {x.shape[0]} images")
+    if y.size and (y.min() < 0 or y.max() >= len(src.classes)):
+        raise DataError(f"{folder / y_name}: labels outside [1, {len(src.classes)}]")
+    return _Arrays(np.ascontiguousarray(x), y, src.classes)
+
+
+_READERS = {"stl10": read_stl10}  # everything else in CIFAR_SOURCES is a CIFAR pickle release
+
+
 def _cifar_loader(key: str) -> Callable[[DataSpec, bool], _Arrays]:
     def load(data: DataSpec, train: bool) -> _Arrays:
         src, root = CIFAR_SOURCES[key], data_root(data)
         if not _cifar_extracted(src, root):  # existence only: the md5 pass belongs to prepare()
             _prepare_cifar(src, root, data.download)
-        return read_cifar(src, root / src.folder, train)
+        return _READERS.get(key, read_cifar)(src, root / src.folder, train)
 
     return load
 
@@ -349,7 +398,7 @@ def _cifar_loader(key: str) -> Callable[[DataSpec, bool], _Arrays]:
 def _cifar_info(key: str) -> Callable[[DataSpec], DatasetInfo]:
     def info(data: DataSpec) -> DatasetInfo:
         src = CIFAR_SOURCES[key]
-        return DatasetInfo(key, len(src.classes), 3, 32, src.classes, src.mean, src.std)
+        return DatasetInfo(key, len(src.classes), 3, src.image_size, src.classes, src.mean, src.std)
 
     return info
 
@@ -567,6 +616,13 @@ def _cifar100() -> DatasetEntry:
                         lambda d: ("cifar100", str(data_root(d))))
 
 
+@DATASETS.register("stl10")
+def _stl10() -> DatasetEntry:
+    return DatasetEntry(_cifar_loader("stl10"), _cifar_info("stl10"),
+                        lambda d: _prepare_cifar(CIFAR_SOURCES["stl10"], data_root(d), d.download),
+                        lambda d: ("stl10", str(data_root(d))))
+
+
 @DATASETS.register("synthetic")
 def _synthetic() -> DatasetEntry:
     return DatasetEntry(lambda d, train: make_synthetic(d.synthetic, train), _computed_info, _noop,
@@ -581,6 +637,32 @@ def _npz() -> DatasetEntry:
 
 def _entry(data: DataSpec) -> DatasetEntry:
     return DATASETS.build(data.dataset)
+
+
+def _key(data: DataSpec) -> Hashable:
+    """The raw arrays' identity: the data set's own key plus the class subset."""
+    return (_entry(data).cache_key(data), tuple(data.classes or ()))
+
+
+def _class_indices(available: tuple[str, ...], wanted: list[str], name: str) -> list[int]:
+    """Indices of ``data.classes`` in the data set's class list; unknown names are one DataError."""
+    from cifar_tune.registry import did_you_mean
+
+    unknown = [c for c in wanted if c not in available]
+    if unknown:
+        c = unknown[0]
+        raise DataError(f"data.classes: {name} has no class {c!r}{did_you_mean(c, list(available))}; "
+                        f"it has: {', '.join(available)}")
+    return [available.index(c) for c in wanted]
+
+
+def select_classes(arrays: _Arrays, classes: list[str], name: str) -> _Arrays:
+    """Keep the images of ``classes`` (by name), relabelled 0..k-1 in the order given; names kept."""
+    idx = _class_indices(arrays.classes, classes, name)
+    relabel = np.full(len(arrays.classes), -1, dtype=np.int64)
+    relabel[idx] = np.arange(len(idx))
+    keep = relabel[arrays.y] >= 0
+    return _Arrays(np.ascontiguousarray(arrays.x[keep]), relabel[arrays.y[keep]], tuple(classes))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -601,12 +683,15 @@ def clear_cache() -> None:
 
 def _raw(data: DataSpec, train: bool) -> _Arrays:
     entry = _entry(data)
-    key = (entry.cache_key(data), train)
+    key = (_key(data), train)
     with _lock:
         if key not in _raw_cache:
             global raw_loads
             raw_loads += 1
-            _raw_cache[key] = entry.load(data, train)
+            arrays = entry.load(data, train)
+            if data.classes:
+                arrays = select_classes(arrays, data.classes, data.dataset)
+            _raw_cache[key] = arrays
         return _raw_cache[key]
 
 
@@ -623,7 +708,7 @@ def check_split(data: DataSpec) -> None:
 
 def install_training_arrays(data: DataSpec, arrays: _Arrays) -> None:
     """Seed this process's cache with arrays loaded elsewhere (read-only, zero-copy from Ray)."""
-    key = (_entry(data).cache_key(data), True)
+    key = (_key(data), True)
     with _lock:
         _raw_cache.setdefault(key, arrays)
 
@@ -688,7 +773,7 @@ def _on_device(key: Hashable, device: torch.device, cpu_split: Callable[[], Spli
 
 
 def _spec_key(data: DataSpec) -> Hashable:
-    return (_entry(data).cache_key(data), data.val_fraction, data.subset, data.split_seed)
+    return (_key(data), data.val_fraction, data.subset, data.split_seed)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -696,8 +781,15 @@ def _spec_key(data: DataSpec) -> Hashable:
 
 
 def dataset_info(data: DataSpec) -> DatasetInfo:
-    """Name, classes, shape and normalisation; CIFAR needs no files, synthetic/npz read the train data."""
-    return _entry(data).info(data)
+    """Name, classes, shape and normalisation; CIFAR/STL-10 need no files, synthetic/npz read the train data.
+
+    With ``data.classes`` the classes are that subset, in that order (unknown names raise DataError).
+    """
+    info = _entry(data).info(data)
+    if data.classes and info.classes != tuple(data.classes):  # synthetic/npz: already read as the subset
+        _class_indices(info.classes, data.classes, data.dataset)
+        info = replace(info, num_classes=len(data.classes), classes=tuple(data.classes))
+    return info
 
 
 def prepare(data: DataSpec) -> None:
@@ -730,7 +822,7 @@ def load_trainval(data: DataSpec, device: str | torch.device = "cpu") -> Split:
         idx = _subset_indices(data, raw.y)
         return _to_split(raw.x[idx], raw.y[idx], torch.device("cpu"))
 
-    key = ("trainval", _entry(data).cache_key(data), data.subset, data.split_seed if data.subset else None)
+    key = ("trainval", _key(data), data.subset, data.split_seed if data.subset else None)
     return _on_device(key, torch.device(device), cpu_split)
 
 
@@ -745,7 +837,7 @@ def load_test(data: DataSpec, device: str | torch.device = "cpu") -> Split:
         raw = _raw(data, train=False)
         return _to_split(raw.x, raw.y, torch.device("cpu"))
 
-    split = _on_device(("test", _entry(data).cache_key(data)), torch.device(device), cpu_split)
+    split = _on_device(("test", _key(data)), torch.device(device), cpu_split)
     test_loads += 1
     return split
 
@@ -756,6 +848,7 @@ __all__ = [
     "CifarSource",
     "DataError",
     "DatasetInfo",
+    "STL10_CLASSES",
     "Split",
     "TestSplitForbidden",
     "allow_test",

@@ -34,7 +34,7 @@ class SyntheticSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    dataset: str = "cifar10"  # cifar10 | cifar100 | synthetic | npz
+    dataset: str = "cifar10"  # cifar10 | cifar100 | stl10 | synthetic | npz
     root: str | None = None  # data root; None -> $CIFAR_TUNE_DATA or ~/.cache/cifar-tune
     path: str | None = None  # the .npz file, for dataset: npz
     val_fraction: float = field(default=0.2, metadata=_check(lambda v: 0 < v < 1, "must be in (0, 1)"))
@@ -43,6 +43,10 @@ class DataSpec:
     split_seed: int = 0
     download: bool = True
     synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
+    # keep only these classes (by name), relabelled 0..k-1 in this order; null: all
+    classes: list[str] | None = field(
+        default=None, metadata=_check(lambda v: len(v) >= 2 and len(set(v)) == len(v),
+                                      "must list at least 2 distinct class names"))
 
 
 
@@ -585,7 +589,11 @@ def _dataset_info(data: DataSpec, errors: ErrorList) -> Any:
     try:
         return data_mod.dataset_info(data)
     except (data_mod.DataError, OSError) as e:
-        errors.add("data.path" if data.dataset == "npz" else "data", str(e))
+        where, _, message = str(e).partition(": ")
+        if where == "data.classes":
+            errors.add(where, message)
+        else:
+            errors.add("data.path" if data.dataset == "npz" else "data", str(e))
         return None
 
 

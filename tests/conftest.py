@@ -72,6 +72,38 @@ def write_fake_cifar(workdir: Path, key: str, per_file: int, seed: int = 0) -> F
     return FakeCifar(fake, server, root)
 
 
+def write_fake_stl10(workdir: Path, num_train: int = 100, num_test: int = 50, seed: int = 0) -> FakeCifar:
+    """A tiny STL-10 release in its binary layout (``stl10_binary/{train,test}_{X,y}.bin``), tar.gz'd.
+
+    The images are the learnable synthetic set at 96x96 (10 classes), so a model can fit them; X files hold
+    each image channel by channel, column-major, and y files labels 1..10, as the real release does.
+    """
+    from cifar_tune.spec import SyntheticSpec
+
+    src = data.CIFAR_SOURCES["stl10"]
+    folder = workdir / "build" / src.folder
+    folder.mkdir(parents=True)
+    synth = SyntheticSpec(num_train=num_train, num_test=num_test, num_classes=10, image_size=96, seed=seed)
+
+    def write(split: str, train: bool) -> tuple[tuple[str, str], tuple[str, str]]:
+        arrays = data.make_synthetic(synth, train)
+        (folder / f"{split}_X.bin").write_bytes(arrays.x.transpose(0, 1, 3, 2).tobytes())
+        (folder / f"{split}_y.bin").write_bytes((arrays.y + 1).astype(np.uint8).tobytes())
+        return tuple((f"{split}_{k}.bin", _md5(folder / f"{split}_{k}.bin")) for k in ("X", "y"))  # type: ignore[return-value]
+
+    train, test = write("train", True), write("test", False)
+    (folder / "class_names.txt").write_text("\n".join(src.classes) + "\n")
+    (folder / "unlabeled_X.bin").write_bytes(bytes(3 * 96 * 96))  # present in the release, never read
+    server = workdir / "server"
+    server.mkdir()
+    with tarfile.open(server / src.archive, "w:gz") as tar:
+        tar.add(folder, arcname=src.folder)
+    fake = dataclasses.replace(src, archive_md5=_md5(server / src.archive), train_files=train, test_files=test)
+    root = workdir / "root"
+    root.mkdir()
+    return FakeCifar(fake, server, root)
+
+
 def serve_from(server: Path) -> Callable[[str, Path, str, str], None]:
     """A stand-in for the network: copies ``server/filename``; verifies the md5 as torchvision does."""
 
@@ -92,7 +124,11 @@ def fake_cifar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Call
     """``make(key, per_file=...)``: a fake release installed as ``data.CIFAR_SOURCES[key]``, served offline."""
 
     def make(key: str, per_file: int = 20, seed: int = 0) -> FakeCifar:
-        fake = write_fake_cifar(tmp_path / key, key, per_file, seed)
+        """CIFAR: ``per_file`` images per batch file; STL-10: ``per_file`` x 5 train and x 2.5 test images."""
+        if key == "stl10":
+            fake = write_fake_stl10(tmp_path / key, 5 * per_file, max(1, per_file * 5 // 2), seed)
+        else:
+            fake = write_fake_cifar(tmp_path / key, key, per_file, seed)
         monkeypatch.setitem(data.CIFAR_SOURCES, key, fake.source)
         monkeypatch.setattr(data, "_download_archive", serve_from(fake.server))
         data.clear_cache()

@@ -138,6 +138,69 @@ def test_corrupt_extracted_file_is_reextracted(fake_cifar: Callable[..., FakeCif
         data.prepare(_spec(fake, "cifar10", download=False))
 
 
+# ----------------------------------------------------------------------------------------------------
+# STL-10 and class subsets
+
+
+def test_stl10_binary_release_reads_like_torchvision(fake_cifar: Callable[..., FakeCifar]) -> None:
+    from torchvision.datasets import STL10
+
+    fake = fake_cifar("stl10", per_file=20)  # 100 train, 50 test images of 96x96
+    spec = _spec(fake, "stl10", val_fraction=0.2)
+    data.prepare(spec)
+    info = data.dataset_info(spec)
+    assert (info.num_classes, info.channels, info.image_size, info.classes) == (10, 3, 96, data.STL10_CLASSES)
+    train, val = data.load_splits(spec)
+    assert (len(train), len(val)) == (80, 20) and train.x.shape[1:] == (3, 96, 96)
+    tv = STL10.__new__(STL10)  # torchvision's own reader of the binary files (its md5 list is the real one)
+    tv.root, tv.base_folder = str(fake.root), fake.source.folder
+    for split, ours in (("train", data.load_trainval(spec)), ("test", data.load_test(spec))):
+        x_ref, y_ref = tv._STL10__loadfile(f"{split}_X.bin", f"{split}_y.bin")
+        assert np.array_equal(ours.x.numpy(), x_ref) and np.array_equal(ours.y.numpy(), y_ref)
+    assert len(data.load_test(spec)) == 50
+
+
+def test_stl10_offline_message_like_cifar(fake_cifar: Callable[..., FakeCifar]) -> None:
+    fake = fake_cifar("stl10", per_file=4)
+    fake.served_archive.unlink()
+    with pytest.raises(DataError) as err:
+        data.prepare(_spec(fake, "stl10"))
+    for part in ("stl10_binary.tar.gz", fake.source.archive_md5, fake.source.url, str(fake.root)):
+        assert part in str(err.value)
+    with pytest.raises(DataError, match="download is off: put stl10_binary.tar.gz"):
+        data.load_splits(_spec(fake, "stl10", download=False))
+
+
+def test_class_subset_by_name_relabelled_in_order(fake_cifar: Callable[..., FakeCifar]) -> None:
+    fake = fake_cifar("stl10", per_file=20)
+    names = ["car", "deer", "horse", "monkey", "truck"]
+    full, sub = _spec(fake, "stl10"), _spec(fake, "stl10", classes=names)
+    info = data.dataset_info(sub)
+    assert (info.num_classes, info.classes, info.image_size) == (5, tuple(names), 96)
+    all_train, all_test = data.load_trainval(full), data.load_test(full)
+    for split, whole in ((data.load_trainval(sub), all_train), (data.load_test(sub), all_test)):
+        for k, name in enumerate(names):
+            original = data.STL10_CLASSES.index(name)
+            assert torch.equal(split.x[split.y == k], whole.x[whole.y == original])
+        assert sorted(set(split.y.tolist())) == [0, 1, 2, 3, 4]
+    train, val = data.load_splits(sub)
+    assert len(train) + len(val) == int(sum((all_train.y == data.STL10_CLASSES.index(n)).sum() for n in names))
+
+
+def test_class_subset_errors_and_synthetic(tmp_path: Path) -> None:
+    from cifar_tune.errors import SpecError
+    from cifar_tune.spec import parse_spec
+
+    spec = DataSpec(dataset="synthetic", synthetic=SMALL_SYNTH, classes=["class_4", "class_1"])
+    assert data.dataset_info(spec).classes == ("class_4", "class_1")
+    train, _ = data.load_splits(spec)
+    assert sorted(set(train.y.tolist())) == [0, 1] and len(train) < SMALL_SYNTH.num_train / 2
+    with pytest.raises(SpecError, match=r"data.classes: cifar10 has no class 'dear' \(did you mean 'deer'\?\)"):
+        parse_spec({"name": "x", "data": {"classes": ["cat", "dear"]}, "space": {"model": {"family": "lenet"}}})
+    with pytest.raises(SpecError, match="data.classes: must list at least 2 distinct class names"):
+        parse_spec({"name": "x", "data": {"classes": ["cat", "cat"]}, "space": {"model": {"family": "lenet"}}})
+
+
 def test_data_root_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv(data.DATA_ROOT_ENV, str(tmp_path / "env"))
     assert data.data_root(DataSpec(root=str(tmp_path / "spec"))) == tmp_path / "spec"
@@ -375,7 +438,7 @@ def test_forbid_test_and_counter() -> None:
 
 
 def test_registry_and_split_dataclass() -> None:
-    assert set(data.DATASETS) == {"cifar10", "cifar100", "synthetic", "npz"}
+    assert set(data.DATASETS) == {"cifar10", "cifar100", "stl10", "synthetic", "npz"}
     with pytest.raises(KeyError, match="unknown dataset 'cifar1000'.*available: cifar10, cifar100"):
         data.dataset_info(DataSpec(dataset="cifar1000"))
     with pytest.raises(TypeError):
