@@ -107,7 +107,7 @@ BROKEN: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("grace>max", _set("search/scheduler/grace_period", 5), "search.scheduler.grace_period: must be <= max_epochs (2), got 5"),
     ("val-fraction", _set("data/val_fraction", 1.5), "data.val_fraction: must be in (0, 1), got 1.5"),
     ("unknown-dataset", _set("data/dataset", "cifar1000"),
-     "data.dataset: unknown dataset 'cifar1000' (did you mean 'cifar100'?); available: cifar10, cifar100, npz, synthetic"),
+     "data.dataset: unknown dataset 'cifar1000' (did you mean 'cifar100'?); available: cifar10, cifar100, npz, stl10, synthetic"),
     ("unknown-optimizer", _set(f"{OPT1}/name", "adamm"),
      "space.optimizer.choice[1].name: unknown optimizer 'adamm' (did you mean 'adam'?); available: adagrad, adam, adamw, rmsprop, sgd"),
     ("foreign-hparam", _set(f"{OPT1}/momentum", 0.9),
