@@ -6,16 +6,17 @@ the key order, ops run in a fixed order of stages::
     geometric (hflip, vflip, crop, translate, rotation)   one fused resampling of the uint8 batch
     policy    (autoaugment, randaugment, trivialaugment)  per-image random op sequences on uint8
                                                           (``cifar_tune.policies``)
-    colour    (color_jitter)                              brightness -> contrast -> saturation -> hue
+    colour    (color_jitter)                              brightness, contrast, saturation, hue in a random
+                                                          order per image (torchvision's kernels)
     normalize ((x / 255 - mean) / std)
     erasing, cutout                                       on the normalised batch, filled with 0 (= mean)
     mixup / cutmix                                        soft targets [B, num_classes]
 
-Why it is fast (a 2-core CPU does the CIFAR "flip + crop + jitter + rotation" recipe at ~80k images/s):
+Why it is fast (measured by ``cifar-tune bench``, figures in the README's Performance section):
 every random draw is one tensor per batch (per-image values, no Python loop over images, no host sync);
 flip/crop/translate without rotation is one integer ``gather`` on uint8 (exact pixels); with rotation,
 all geometric ops compose into one affine map and one ``grid_sample`` call; colour ops are per-image
-scalars or 3x3 matrices broadcast over the batch.
+blends and an HSV hue shift on the whole batch.
 
 Randomness comes only from the ``torch.Generator`` passed in, so a batch is reproducible from its seed.
 """
@@ -37,7 +38,7 @@ STAGES = ("geometric", "policy", "colour", "erase", "mix")  # normalize runs bet
 APPLIED_ORDER = ("hflip", "vflip", "crop", "translate", "rotation", "autoaugment", "randaugment",
                  "trivialaugment", "color_jitter", "normalize",
                  "erasing", "cutout", "mixup", "cutmix")
-GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601 luma, as it rounds it)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -120,6 +121,7 @@ class ColorJitter:
     contrast: float
     saturation: float
     hue: float
+    random_order: bool = True  # per image, as torchvision's ColorJitter
 
 
 @dataclass(frozen=True)
@@ -184,10 +186,13 @@ def rotation(*, degrees: float = 15.0) -> Rotate:
 
 @AUGMENTS.register("color_jitter")
 def color_jitter(*, brightness: float = 0.2, contrast: float = 0.2, saturation: float = 0.2,
-                 hue: float = 0.1) -> ColorJitter:
-    """torchvision ColorJitter: factors uniform in [max(0, 1-v), 1+v]; hue shift uniform in [-hue, hue]."""
+                 hue: float = 0.1, random_order: bool = True) -> ColorJitter:
+    """torchvision ColorJitter: factors uniform in [max(0, 1-v), 1+v]; hue shift uniform in [-hue, hue];
+    the ops in a random order per image (``random_order: false``: brightness, contrast, saturation, hue)."""
+    if not isinstance(random_order, bool):
+        raise ValueError(f"random_order: must be true or false; got {random_order!r}")
     return ColorJitter(_at_least("brightness", brightness, 0), _at_least("contrast", contrast, 0),
-                       _at_least("saturation", saturation, 0), _in_range("hue", hue, 0, 0.5))
+                       _at_least("saturation", saturation, 0), _in_range("hue", hue, 0, 0.5), random_order)
 
 
 @AUGMENTS.register("erasing")
@@ -368,85 +373,126 @@ class _Geometry:
         return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode=mode, align_corners=True)
 
 
-def _yiq_hue_basis() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """P0, P1, P2 with hue rotation by t = P0 + cos(t) P1 + sin(t) P2 (all 3x3, RGB -> RGB).
-
-    Rotating the chroma plane (I, Q) of YIQ keeps luma and saturation and turns the hue: the standard
-    fast stand-in for an HSV hue shift (exact for grays, close elsewhere), without per-pixel branching.
-    """
-    t = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                     dtype=torch.float64)
-    t_inv = torch.linalg.inv(t)
-    keep_y = torch.diag(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
-    keep_iq = torch.diag(torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64))
-    turn = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
-    return tuple((t_inv @ m @ t).float() for m in (keep_y, keep_iq, turn))  # type: ignore[return-value]
-
-
-_HUE_BASIS = _yiq_hue_basis()
-
-
 def _factors(g: torch.Generator, b: int, amount: float, device: torch.device) -> torch.Tensor:
     """torchvision's jitter factors: uniform in [max(0, 1 - amount), 1 + amount], shape [B, 1, 1, 1]."""
     return _rand(g, b, device, max(0.0, 1 - amount), 1 + amount).view(b, 1, 1, 1)
 
 
-def _colour_affine(op: ColorJitter, x: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contrast, saturation and hue of an RGB batch as one per-image map x -> m x + offset.
+def gray(x: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``rgb_to_grayscale`` of a float batch [B, 3, H, W] -> [B, 1, H, W]."""
+    r, g, b = x.unbind(1)
+    return (r * GRAY_WEIGHTS[0] + g * GRAY_WEIGHTS[1] + b * GRAY_WEIGHTS[2]).unsqueeze(1)
 
-    Each is affine in the RGB vector, so they compose into a 3x3 matrix [B, 3, 3] and an offset
-    [B, 3, 1] that cost one ``bmm`` for all three.
+
+_SEXTANT_OFFSETS = (5.0, 3.0, 1.0)  # R, G, B in the closed-form HSV -> RGB
+
+
+def hue_shift(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``adjust_hue`` per image: RGB -> HSV, hue + ``turns`` [B] (mod 1), -> RGB.
+
+    Works on any non-negative scale (0..1 or 0..255): HSV's hue and saturation are scale-free and V is
+    the channel maximum. HSV -> RGB uses the closed form ``c = V - V S max(0, min(k, 4 - k, 1))`` with
+    ``k = (n + 6 H) mod 6``, which equals torchvision's sextant table without its gather.
     """
-    b, dev = x.shape[0], x.device
-    # 3x3 products as broadcast sums: 256 tiny bmm GEMMs cost more than the whole batch's colour pass
-    mm = lambda p, q: (p[:, :, :, None] * q[:, None, :, :]).sum(2)  # noqa: E731
-    luma = torch.tensor(GRAY_WEIGHTS, device=dev)
-    eye = torch.eye(3, device=dev).expand(b, 3, 3)
-    m, offset = eye, torch.zeros(b, 3, 1, device=dev)
-    if op.contrast > 0:  # blend with the image's mean luma: x -> f x + (1 - f) mean
-        f = _factors(g, b, op.contrast, dev).view(b, 1, 1)
-        m = f * eye
-        offset = ((1 - f) * (x.mean(dim=(2, 3)) @ luma).view(b, 1, 1)).expand(b, 3, 1)
-    if op.saturation > 0:  # blend with the pixel's luma: x -> f x + (1 - f) 1 luma^T x
-        f = _factors(g, b, op.saturation, dev).view(b, 1, 1)
-        sat = f * eye + (1 - f) * luma.view(1, 1, 3)
-        m, offset = mm(sat, m), mm(sat, offset)
-    if op.hue > 0:
-        turn = _rand(g, b, dev, -op.hue, op.hue) * (2 * math.pi)
-        p0, p1, p2 = (t.to(dev) for t in _HUE_BASIS)
-        rot = p0 + torch.cos(turn).view(b, 1, 1) * p1 + torch.sin(turn).view(b, 1, 1) * p2
-        m, offset = mm(rot, m), mm(rot, offset)
-    return m, offset
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    maxc, minc = torch.maximum(torch.maximum(r, g), b), torch.minimum(torch.minimum(r, g), b)
+    chroma = maxc - minc  # = V * S
+    inv = torch.where(chroma > 0, chroma, 1.0).reciprocal_()
+    h6 = torch.where(maxc == r, g - b, torch.where(maxc == g, (b - r).add_(chroma, alpha=2.0), (r - g).add_(chroma, alpha=4.0)))
+    h6 = h6.mul_(inv).add_(6.0 * turns.view(-1, 1, 1, 1))  # hue in sextants, shifted
+    n = torch.tensor(_SEXTANT_OFFSETS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = (n + h6).remainder_(6.0)
+    return maxc - chroma * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
 
 
-def _color_jitter(op: ColorJitter, x: torch.Tensor, g: torch.Generator, a: torch.Tensor, b: torch.Tensor,
-                  bounds: Sequence[tuple[float, float]]) -> torch.Tensor:
-    """torchvision's ColorJitter on float ``x`` in 0..255 (modified in place), returned as ``x * a + b``.
+def _jitter_order(g: torch.Generator, n: int, ops: int, hue: int | None,
+                  device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Per-image op orders [n, ops] (op index at each position) and, per position, the images whose op
+    there is hue (index tensors whose sizes the host knows: no sync to split the batch).
 
-    Brightness scales each image and clamps. Contrast, saturation and hue run as one per-image affine
-    map (:func:`_colour_affine`) with the normalisation folded in, clamped once to the normalised image
-    of [0, 255]; torchvision clamps after each op, which differs only where contrast or saturation > 1
-    pushed a pixel out of range. The order is fixed (brightness, contrast, saturation, hue) where
-    torchvision permutes it per image: a per-image order cannot be batched, the factor distributions
-    are unchanged.
+    Each image's order is a uniform random permutation, as in torchvision. The one liberty: the hue
+    positions are spread evenly over the batch (``n / ops`` images each, which images is random) rather
+    than drawn independently per image, so the costly hue kernel runs once per image on a known-size
+    slice instead of on the whole batch at every position.
+    """
+    rest = torch.rand(n, ops - (hue is not None), generator=g, device=g.device).argsort(1)
+    if hue is None:
+        return rest.to(device, non_blocking=True), []
+    by_position = torch.randperm(n, generator=g, device=g.device)  # images by hue position
+    sizes = [n // ops + (p < n % ops) for p in range(ops)]
+    hue_pos = torch.empty(n, dtype=torch.long, device=g.device)
+    hue_pos[by_position] = torch.repeat_interleave(torch.arange(ops, device=g.device), torch.tensor(sizes, device=g.device))
+    pos = torch.arange(ops, device=g.device).expand(n, ops)
+    others = torch.tensor([i for i in range(ops) if i != hue], device=g.device)
+    skip_hue = pos - (pos > hue_pos[:, None]).long()  # position among the non-hue ops
+    order = torch.where(pos == hue_pos[:, None], hue, others[rest.gather(1, skip_hue.clamp(max=ops - 2))]) if ops > 1 \
+        else torch.full((n, 1), hue, device=g.device)
+    hue_images = list(by_position.to(device, non_blocking=True).split(sizes))
+    return order.to(device, non_blocking=True), hue_images
+
+
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
+
+
+def _color_jitter(op: ColorJitter, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """torchvision's ColorJitter on a float batch in 0..255 (modified in place where possible).
+
+    As ``transforms.v2.ColorJitter``: each image draws its own brightness, contrast and saturation
+    factors (uniform in [max(0, 1 - v), 1 + v]) and hue shift (uniform in [-hue, hue]) and applies the
+    ops in its own random order (:func:`_jitter_order`). Saturation and hue do nothing to 1-channel
+    images, as in torchvision, so they are left out there.
     """
     n, c = x.shape[:2]
-    if op.brightness > 0:
-        x.mul_(_factors(g, n, op.brightness, x.device)).clamp_(0, 255)
-    if c == 1:  # saturation and hue are no-ops on 1-channel images, as in torchvision
-        if op.contrast > 0:
-            f = _factors(g, n, op.contrast, x.device)
-            x.mul_(f).add_((1 - f) * x.mean(dim=(1, 2, 3), keepdim=True)).clamp_(0, 255)
-        return x.mul_(a).add_(b)
-    if not (op.contrast > 0 or op.saturation > 0 or op.hue > 0):
-        return x.mul_(a).add_(b)
-    m, offset = _colour_affine(op, x, g)
-    m, offset = a.view(1, 3, 1) * m, a.view(1, 3, 1) * offset + b.view(1, 3, 1)
-    # bmm + add_ rather than baddbmm: baddbmm first materialises the broadcast offset (slow on CPU)
-    out = torch.bmm(m, x.view(n, 3, -1)).add_(offset).view_as(x)
-    for ch, (lo, hi) in enumerate(bounds):  # a > 0: clamping after normalising == clamping before
-        out[:, ch].clamp_(lo, hi)  # scalar bounds per channel: a tensor-bound clamp is ~5x slower
-    return out
+    dev = x.device
+    names = [k for k in JITTER_OPS if getattr(op, k) > 0 and (c == 3 or k in ("brightness", "contrast"))]
+    if not names:
+        return x
+    factors = {k: (_rand(g, n, dev, -op.hue, op.hue) if k == "hue" else _factors(g, n, getattr(op, k), dev).view(n))
+               for k in names}
+    hue = names.index("hue") if "hue" in names else None
+    if op.random_order:
+        order, hue_images = _jitter_order(g, n, len(names), hue, dev)
+    else:  # brightness, contrast, saturation, hue for every image
+        order = torch.arange(len(names), device=dev).expand(n, len(names))
+        hue_images = [torch.arange(n if k == "hue" else 0, device=dev) for k in names]
+    return apply_jitter(x, names, factors, order, hue_images)
+
+
+def apply_jitter(x: torch.Tensor, names: Sequence[str], factors: Mapping[str, torch.Tensor], order: torch.Tensor,
+                 hue_images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Image ``i`` applies ``names[order[i, 0]]``, then ``names[order[i, 1]]``, ... with its factor
+    ``factors[name][i]``, clamping to [0, 255] after each op, with torchvision's kernels
+    (``adjust_brightness/contrast/saturation/hue``); ``hue_images[p]``: the images whose op at
+    position ``p`` is hue. ``x``: float [B, C, H, W] in 0..255.
+
+    Batched without a host sync: at each position, brightness, contrast and saturation are all blends
+    ``f x + (1 - f) target`` (target 0, the image's mean gray, the pixel's gray), done as one blend with
+    per-image ``f`` and target (``f = 1`` for an image whose op there is hue: x stays exact); hue runs
+    on the slice of images whose op it is there.
+    """
+    n, c = x.shape[:2]
+    dev = x.device
+    blends = [k for k in names if k != "hue"]
+    ones = torch.ones(n, 1, 1, 1, device=dev)
+    for pos in range(len(names)):
+        hue_here = hue_images[pos] if hue_images else None
+        if blends and not (hue_here is not None and hue_here.numel() == n):
+            is_op = {k: (order[:, pos] == names.index(k)).view(n, 1, 1, 1) for k in blends}
+            f = ones
+            for k in blends:
+                f = torch.where(is_op[k], factors[k].view(n, 1, 1, 1), f)
+            target = torch.zeros((), device=dev)
+            if "contrast" in is_op or "saturation" in is_op:
+                gx = gray(x) if c == 3 else x
+                if "contrast" in is_op:
+                    target = target + is_op["contrast"] * gx.mean(dim=(1, 2, 3), keepdim=True)
+                if "saturation" in is_op:
+                    target = target + is_op["saturation"] * gx
+            # torchvision's _blend: ratio * x + (1 - ratio) * target, clamped
+            x = x.mul_(f).add_((1 - f) * target).clamp_(0, 255)
+        if hue_here is not None and hue_here.numel():
+            x = x.index_copy_(0, hue_here, hue_shift(x.index_select(0, hue_here), factors["hue"].index_select(0, hue_here)))
+    return x
 
 
 def _erase(op: Erase, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -569,8 +615,6 @@ class BatchAugment:
         mixes = {op.kind: op for op in self.ops if isinstance(op, Mix)}
         self._mixer = _Mixer(mixes.get("mixup"), mixes.get("cutmix"), num_classes) if mixes else None
         self._params: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        # normalised images of 0 and 255 per channel, as host floats (no device read in the hot path)
-        self._bounds = tuple(((0 - m) / s, (1 - m) / s) for m, s in zip(self.mean, self.std, strict=True))
 
     def __repr__(self) -> str:
         return f"BatchAugment({', '.join(map(repr, self.ops)) or 'identity'})"
@@ -593,10 +637,9 @@ class BatchAugment:
                 x = policy(x, generator)
         a, b = self._norm_params(x.device)
         x = x.to(torch.float32)  # a copy for uint8 input, so in-place ops below never touch the caller's batch
-        if self._jitter is None:
-            x = x.mul_(a).add_(b)
-        else:
-            x = _color_jitter(self._jitter, x, generator, a, b, self._bounds)
+        if self._jitter is not None:
+            x = _color_jitter(self._jitter, x, generator)
+        x = x.mul_(a).add_(b)
         for erase in self._erasers:
             x = erase(x, generator)
         if self._mixer is not None:

@@ -138,10 +138,11 @@ def test_color_jitter_ranges() -> None:
     assert torch.allclose(ratio.min(1).values, ratio.max(1).values, atol=1e-4)  # one factor per image
     assert ratio.min() >= 0.7 - 1e-4 and ratio.max() <= 1.3 + 1e-4 and ratio[:, 0].std() > 0.05
     hue_out, _ = _run({"color_jitter": {"brightness": 0, "contrast": 0, "saturation": 0, "hue": 0.2}}, x, y)
-    luma = torch.tensor(A.GRAY_WEIGHTS).view(1, 3, 1, 1)
-    back = hue_out * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
-    # YIQ hue rotation keeps luma (up to clamping, rare on mid-range pixels)
-    assert ((back * luma).sum(1) - (x.float() / 255 * luma).sum(1)).abs().median() < 1e-3
+    back = (hue_out * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)) * 255
+    # an HSV hue shift keeps every pixel's max and min channel (HSV value and chroma)
+    assert torch.allclose(back.amax(1), x.float().amax(1), atol=1e-3)
+    assert torch.allclose(back.amin(1), x.float().amin(1), atol=1e-3)
+    assert (back - x.float()).abs().amax() > 20  # and does turn the hue
 
 
 def test_grayscale_images() -> None:
@@ -234,7 +235,7 @@ def test_off_values_and_defaults() -> None:
     x, y = _batch()
     assert torch.equal(_run({"hflip": False, "rotation": None}, x, y)[0], normalize(x, MEAN, STD))
     assert AUGMENTS.defaults("crop") == {"padding": 4, "padding_mode": "reflect"}
-    assert set(AUGMENTS.hyperparameters("color_jitter")) == {"brightness", "contrast", "saturation", "hue"}
+    assert set(AUGMENTS.hyperparameters("color_jitter")) == {"brightness", "contrast", "saturation", "hue", "random_order"}
 
 
 def test_unknown_name_lists_available() -> None:
@@ -292,4 +293,78 @@ def test_realistic_batch_runs_fast_enough() -> None:
         images_per_s = 5 * 256 / (time.perf_counter() - t0)
     finally:
         torch.set_num_threads(threads)
-    assert images_per_s > 5000, f"{images_per_s:.0f} images/s"
+    # 2000: the exact HSV hue shift (torchvision's kernel) costs more than the old YIQ approximation;
+    # still above torchvision's per-image ColorJitter on one core; the real figure is `cifar-tune bench`
+    assert images_per_s > 2000, f"{images_per_s:.0f} images/s"
+
+
+# ----------------------------------------------------------- colour jitter vs torchvision.transforms.v2
+
+TV_OPS = {"brightness": "adjust_brightness", "contrast": "adjust_contrast", "saturation": "adjust_saturation",
+          "hue": "adjust_hue"}
+
+
+def _tv_jitter(x01: torch.Tensor, names: list[str], factors: dict[str, torch.Tensor], order: torch.Tensor) -> torch.Tensor:
+    """torchvision's tensor kernels, one image at a time, in each image's order: the reference."""
+    TF = pytest.importorskip("torchvision.transforms.v2.functional")
+    out = []
+    for i, img in enumerate(x01):
+        for j in order[i].tolist():
+            img = getattr(TF, TV_OPS[names[j]])(img, float(factors[names[j]][i]))
+        out.append(img)
+    return torch.stack(out)
+
+
+def _ours(x01: torch.Tensor, names: list[str], factors: dict[str, torch.Tensor], order: torch.Tensor) -> torch.Tensor:
+    hue_images = [(order[:, p] == names.index("hue")).nonzero().flatten() for p in range(len(names))] if "hue" in names else []
+    return A.apply_jitter(x01 * 255, names, factors, order, hue_images) / 255
+
+
+@pytest.mark.parametrize("name,values", [
+    ("brightness", [0.0, 0.4, 0.8, 1.0, 1.3, 1.9]),
+    ("contrast", [0.0, 0.5, 0.9, 1.0, 1.4, 2.0]),
+    ("saturation", [0.0, 0.3, 0.8, 1.0, 1.6, 2.5]),
+    ("hue", [-0.5, -0.3, -0.1, 0.0, 0.05, 0.2, 0.45, 0.5]),
+])
+def test_each_colour_op_equals_torchvision(name: str, values: list[float]) -> None:
+    """Per-image factors (one image per value) on random images: within 2/255 of torchvision per pixel."""
+    g = torch.Generator().manual_seed(1)
+    x01 = torch.randint(0, 256, (len(values), 3, 16, 16), generator=g).float() / 255
+    factors = {name: torch.tensor(values)}
+    order = torch.zeros(len(values), 1, dtype=torch.long)
+    diff = (_ours(x01, [name], factors, order) - _tv_jitter(x01, [name], factors, order)).abs()
+    assert diff.max() <= 2 / 255, f"max {diff.max() * 255:.2f}/255, mean {diff.mean() * 255:.3f}/255"
+
+
+def test_jitter_in_per_image_orders_equals_torchvision() -> None:
+    """All four ops, every image in its own order (all 24 permutations), factors drawn per image."""
+    import itertools
+
+    names = list(A.JITTER_OPS)
+    perms = torch.tensor(list(itertools.permutations(range(4))))
+    n = len(perms)
+    g = torch.Generator().manual_seed(2)
+    x01 = torch.randint(0, 256, (n, 3, 16, 16), generator=g).float() / 255
+    factors = {k: torch.rand(n, generator=g) * 1.2 + 0.4 for k in names[:3]}
+    factors["hue"] = torch.rand(n, generator=g) - 0.5
+    diff = (_ours(x01, names, factors, perms) - _tv_jitter(x01, names, factors, perms)).abs()
+    assert diff.max() <= 2 / 255, f"max {diff.max() * 255:.2f}/255"
+
+
+def test_jitter_draws_are_per_image_and_orders_are_random() -> None:
+    """Each image gets its own factors and its own op order; every op appears at every position."""
+    op = A.color_jitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1)
+    g = torch.Generator().manual_seed(3)
+    order, hue_images = A._jitter_order(g, 400, 4, 3, torch.device("cpu"))
+    assert (order.sort(1).values == torch.arange(4)).all()  # a permutation per image
+    counts = torch.stack([torch.bincount(order[:, p], minlength=4) for p in range(4)])
+    assert (counts > 60).all(), counts  # ~100 each: every op at every position
+    assert len({tuple(r) for r in order.tolist()}) == 24
+    for p, idx in enumerate(hue_images):
+        assert (order[idx, p] == 3).all() and len(idx) == 100
+    # the whole op on a batch of one repeated image: outputs differ per image
+    x = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8).expand(32, 3, 8, 8).contiguous()
+    out = A._color_jitter(op, x.float(), torch.Generator().manual_seed(4))
+    assert len({tuple(o.flatten()[:16].tolist()) for o in out}) == 32
+    fixed = A._color_jitter(A.color_jitter(random_order=False), x.float(), torch.Generator().manual_seed(4))
+    assert fixed.shape == x.shape
