@@ -702,8 +702,38 @@ def training_arrays(data: DataSpec) -> _Arrays:
 
 
 def check_split(data: DataSpec) -> None:
-    """Raise DataError now if ``subset``/``val_fraction`` do not fit the training set (before any trial)."""
-    _split_indices(data, _raw(data, train=True).y)
+    """Raise DataError now if ``subset``/``val_fraction`` do not fit the training set (before any trial):
+    a subset larger than the data set, or a split whose training or validation part is empty or lacks
+    a class (every trial would fail or be scored on classes it never saw)."""
+    y = _raw(data, train=True).y
+    train, val = _split_indices(data, y)
+    info = dataset_info(data)
+    if problem := split_problem(data, len(train) + len(val), y[train], y[val], info.classes):
+        raise DataError(problem)
+
+
+def split_problem(data: DataSpec, pool: int, y_train: np.ndarray | None, y_val: np.ndarray | None,
+                  classes: tuple[str, ...]) -> str | None:
+    """What is wrong with a split of ``pool`` images into train/val, or None. Without labels (None),
+    only the counts are checked: a part smaller than the number of classes must miss a class."""
+    n_val = round(pool * data.val_fraction)
+    of = f"{data.val_fraction:g} of {pool} images"
+    fix = "raise data.subset or data.val_fraction" if data.subset else "raise data.val_fraction"
+    if n_val == 0:
+        return f"data.val_fraction: {of} leaves an empty validation set ({fix})"
+    for part, n, labels, key, hint in (("validation", n_val, y_val, "data.val_fraction", fix),
+                                       ("training", pool - n_val, y_train, "data.subset" if data.subset else "data.val_fraction",
+                                        "raise data.subset or lower data.val_fraction" if data.subset else "lower data.val_fraction")):
+        if labels is None:
+            missing = len(classes) - n if n < len(classes) else 0
+            example = ""
+        else:
+            absent = [c for i, c in enumerate(classes) if not (labels == i).any()]
+            missing, example = len(absent), f" (e.g. '{absent[0]}')" if absent else ""
+        if missing:
+            return (f"{key}: {of} leaves a {part} set of {n} images that lacks {missing} of {len(classes)} "
+                    f"classes{example} ({hint})")
+    return None
 
 
 def install_training_arrays(data: DataSpec, arrays: _Arrays) -> None:

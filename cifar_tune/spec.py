@@ -558,6 +558,12 @@ def parse_spec(raw: Any, source: str = "<spec>", *, check_budget: bool = True) -
         errors.add("search.scheduler.grace_period", f"must be <= max_epochs ({sched.max_epochs}), got {sched.grace_period}")
 
     info = _dataset_info(data, errors)
+    if info is not None and data.subset is not None:  # counts alone (no labels read): see data.check_split
+        from cifar_tune.data import split_problem
+
+        if problem := split_problem(data, data.subset, None, None, info.classes):
+            key, _, message = problem.partition(": ")
+            errors.add(key, message)
     space_raw = raw.get("space")
     if not isinstance(space_raw, Mapping):
         errors.add("space", f"must be a mapping with keys {', '.join(SPACE_KEYS)}, got {space_raw!r}")

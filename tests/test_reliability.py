@@ -108,6 +108,21 @@ CASES: list[Case] = [
      ["validate"], r"range.npz: y_train has labels up to 2 but class_names lists 2"),
     ("npz-not-npz", lambda t: (t / "junk.npz").write_bytes(b"junk") and _spec(data={"dataset": "npz", "path": str(t / "junk.npz")}),
      ["validate"], r"cannot read .*junk.npz as .npz"),
+    # splits every trial would crash on (empty validation set) or be scored on without some class
+    ("split-empty-val", lambda t: _spec(data__subset=4, data__val_fraction=0.1), ["validate"],
+     r"data.val_fraction: 0.1 of 4 images leaves an empty validation set \(raise data.subset or data.val_fraction\)"),
+    ("split-val-lacks-classes", lambda t: _spec(data__subset=10, data__val_fraction=0.2), ["validate"],
+     r"data.val_fraction: 0.2 of 10 images leaves a validation set of 2 images that lacks 2 of 4 classes"),
+    ("split-train-lacks-classes", lambda t: _spec(data__subset=7, data__val_fraction=0.6), ["validate"],
+     r"data.subset: 0.6 of 7 images leaves a training set of 3 images that lacks 1 of 4 classes"),
+    ("split-class-absent-from-val", lambda t: _spec(data={"dataset": "npz", "path": _npz(
+        t, "rare", x_train=np.zeros((20, 16, 16, 3), np.uint8), y_train=np.array([0] * 10 + [1] * 9 + [2]),
+        class_names=np.array(["a", "b", "rare"]))}), ["search", "--no-dashboard"],
+     r"data.val_fraction: 0.2 of 20 images leaves a validation set of 4 images that lacks 1 of 3 classes \(e.g. 'rare'\)"),
+    ("split-class-without-images", lambda t: _spec(data={"dataset": "npz", "path": _npz(
+        t, "gap", x_train=np.zeros((20, 16, 16, 3), np.uint8), y_train=np.arange(20) % 2 * 2,
+        class_names=np.array(["a", "never", "c"]))}), ["search", "--no-dashboard"],
+     r"leaves a validation set of 4 images that lacks 1 of 3 classes \(e.g. 'never'\)"),
     ("corrupt-cifar-archive", _corrupt_cifar, ["search", "--no-dashboard"], r"cifar-10-python.tar.gz.*(md5|checksum)"),
     ("retrain-missing-experiment", None, ["retrain", "nope", "--storage", "experiments", "--top", "1"], r"experiment 'nope' not found"),
     ("retrain-no-experiments", None, ["retrain", "--storage", "empty", "--top", "1"], r"no experiment under"),
