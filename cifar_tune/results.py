@@ -7,6 +7,7 @@ filesystem URI (``s3://bucket/prefix``, ``gs://...``, ``file:///shared/exp``) fo
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -76,11 +77,16 @@ class Storage:
                 f.write(data)
             return
         tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:  # disk full, Ctrl-C, ...: the old file stays, and no temporary file is left
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open_input_stream(self.path(rel)) as f:

@@ -272,6 +272,18 @@ def _plan(spec: Spec, exp: Experiment, resume: bool, out: Printer) -> tuple[Tria
     return log, todo, next_index
 
 
+def record_run(exp: Experiment, spec: Spec, resume: bool) -> None:
+    """``spec.yaml``: the spec as now run, ``meta`` of the first run, and one ``resumes`` entry per
+    ``--resume`` (its time, versions, code revision, and num_samples/max_concurrent, which may change)."""
+    meta = run_metadata()
+    doc: dict[str, Any] = {"spec": spec.to_dict(), "meta": meta}
+    if resume:
+        stored = yaml.safe_load(exp.read_text("spec.yaml"))
+        entry = {**meta, "num_samples": spec.search.num_samples, "max_concurrent": spec.search.max_concurrent}
+        doc = {"spec": spec.to_dict(), "meta": stored.get("meta", {}), "resumes": [*stored.get("resumes", []), entry]}
+    exp.write_text("spec.yaml", yaml.safe_dump(doc, sort_keys=False))
+
+
 def run_search(
     spec: Spec,
     *,
@@ -293,8 +305,7 @@ def run_search(
     data_mod.check_split(spec.data)  # a subset larger than the data set fails here, not in every trial
     log, todo, next_index = _plan(spec, exp, resume, out)
     total = num_trials(spec)
-    if not resume:
-        exp.write_text("spec.yaml", yaml.safe_dump({"spec": spec.to_dict(), "meta": run_metadata()}, sort_keys=False))
+    record_run(exp, spec, resume)
     log.flush(force=True)
     cluster = tuner.connect(address, dashboard=dashboard, num_cpus=num_cpus)
     print_cluster(cluster, out)

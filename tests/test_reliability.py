@@ -188,6 +188,38 @@ def test_results_are_written_atomically(tmp_path: Path, monkeypatch: pytest.Monk
         storage.write_table("x/trials.parquet", pd.DataFrame({"a": [9] * 1000}))
     monkeypatch.undo()
     assert pd.read_parquet(tmp_path / "x" / "trials.parquet").equals(good)
+    assert [p.name for p in (tmp_path / "x").iterdir()] == ["trials.parquet"]  # no *.tmp-* left behind
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that fails half-way (disk full) removes its temporary file and keeps the old file."""
+    import builtins
+
+    storage = Storage(str(tmp_path))
+    storage.write_text("x/spec.yaml", "old")
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f: Any) -> None:
+            self.f = f
+
+        def __enter__(self) -> Any:
+            return self
+
+        def __exit__(self, *exc: Any) -> None:
+            self.f.close()
+
+        def write(self, data: bytes) -> int:
+            self.f.write(data[:3])
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(builtins, "open", lambda path, mode="r", *a, **k: Full(real_open(path, mode, *a, **k))
+                        if ".tmp-" in str(path) else real_open(path, mode, *a, **k))
+    with pytest.raises(OSError, match="No space"):
+        storage.write_text("x/spec.yaml", "new contents")
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["spec.yaml"]
+    assert (tmp_path / "x" / "spec.yaml").read_text() == "old"
 
 
 def test_paths_cannot_escape_the_storage_root(tmp_path: Path) -> None:

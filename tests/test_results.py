@@ -173,3 +173,25 @@ def test_best_epoch_by_metric_and_mode(tmp_path: Path, mode: str, metric: str, e
     for e, acc in enumerate([0.3, 0.6, 0.6], 1):  # ties go to the earlier epoch
         log.trial_result("t0000", _epoch(e, acc))
     assert log.rows["t0000"]["best_epoch"] == expected_epoch
+
+
+def test_spec_yaml_records_every_resume(tmp_path: Path) -> None:
+    """spec.yaml does not go stale: the spec as last run, the first run's meta, one entry per --resume."""
+    import yaml
+
+    from cifar_tune.search import record_run
+    from cifar_tune.spec import load_yaml, parse_spec
+
+    smoke = load_yaml((Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml").read_text())
+    exp = Experiment(str(tmp_path), "exp")
+    record_run(exp, parse_spec(smoke), resume=False)
+    first = yaml.safe_load(exp.read_text("spec.yaml"))
+    for n in (6, 9):
+        smoke["search"]["num_samples"] = n
+        record_run(exp, parse_spec(smoke), resume=True)
+    doc = yaml.safe_load(exp.read_text("spec.yaml"))
+    assert doc["meta"] == first["meta"]
+    assert doc["spec"]["search"]["num_samples"] == 9
+    assert [r["num_samples"] for r in doc["resumes"]] == [6, 9]
+    for r in doc["resumes"]:
+        assert {"created", "code_revision", "torch", "ray", "cifar_tune", "host"} <= set(r)

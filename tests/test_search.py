@@ -160,6 +160,8 @@ def test_resume_after_killing_the_driver(tmp_path: Path, capsys: pytest.CaptureF
     proc = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{len(finished_before)} finished trials kept" in proc.stdout
+    stored = yaml.safe_load((tmp_path / "killed" / "spec.yaml").read_text())
+    assert len(stored["resumes"]) == 1 and stored["resumes"][0]["num_samples"] == 5  # the resume is on record
     after, epochs = _frames(tmp_path, "killed")
     _show(capsys, f"resume test, after --resume: {(after.status == 'completed').sum()} finished of {len(after)} trials")
     assert len(after) == 5 and after.trial_id.is_unique
