@@ -272,6 +272,21 @@ def _plan(spec: Spec, exp: Experiment, resume: bool, out: Printer) -> tuple[Tria
     return log, todo, next_index
 
 
+RAY_RESOURCE_UNIT = 10_000  # Ray counts resources in 1/10000ths: 0.1 CPU is 1000 units, exactly
+
+
+def concurrent_slots(cpus: float, gpus: float, resources: dict[str, float]) -> int:
+    """How many trials fit at once, as Ray schedules them: in Ray's fixed-point units, not float
+    floor division (``1 // 0.1 == 9.0`` and ``0.9 // 0.3 == 2.0``; Ray fits 10 and 3)."""
+    def units(v: float) -> int:
+        return round(v * RAY_RESOURCE_UNIT)
+
+    slots = max(1, units(cpus) // units(resources["cpu"]))
+    if resources["gpu"]:
+        slots = min(slots, units(gpus) // units(resources["gpu"]))
+    return max(1, slots)
+
+
 def record_run(exp: Experiment, spec: Spec, resume: bool) -> None:
     """``spec.yaml``: the spec as now run, ``meta`` of the first run, and one ``resumes`` entry per
     ``--resume`` (its time, versions, code revision, and num_samples/max_concurrent, which may change)."""
@@ -310,9 +325,7 @@ def run_search(
     cluster = tuner.connect(address, dashboard=dashboard, num_cpus=num_cpus)
     print_cluster(cluster, out)
     resources = tuner.trial_resources(spec.search.resources, cluster)
-    slots = max(1, int(cluster.cpus // resources["cpu"]))
-    if resources["gpu"]:
-        slots = min(slots, int(cluster.gpus // resources["gpu"]))
+    slots = concurrent_slots(cluster.cpus, cluster.gpus, resources)
     max_concurrent = spec.search.max_concurrent or slots
     if spec.search.algorithm == "optuna":
         source: Any = OptunaSource(spec, log, todo, next_index, total)

@@ -90,8 +90,16 @@ def connect(address: str | None = None, *, dashboard: bool = True, num_cpus: int
         cpus=res.get("CPU", 0.0),
         gpus=res.get("GPU", 0.0),
         nodes=len([n for n in ray.nodes() if n.get("Alive")]),
-        token_auth=os.environ.get("RAY_AUTH_MODE", "token") != "disabled",
+        token_auth=_token_auth_enabled(),
     )
+
+
+def _token_auth_enabled() -> bool:
+    """What Ray decided (it reads RAY_AUTH_MODE case-insensitively, defaults differ by version and by
+    whether a token exists), not our guess from the environment. Private API: checked by the tests."""
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+    return bool(is_token_auth_enabled())
 
 
 def shutdown() -> None:

@@ -327,6 +327,18 @@ def test_dashboard_binds_localhost_with_token_auth() -> None:
         tuner.shutdown()
 
 
+@pytest.mark.ray
+@pytest.mark.parametrize("mode", ["DISABLED", "token"])
+def test_token_auth_reports_what_ray_did(mode: str) -> None:
+    """Ray reads RAY_AUTH_MODE case-insensitively: "DISABLED" turns token auth off, and RayInfo says so."""
+    code = ("from cifar_tune import tuner; i = tuner.connect(None, dashboard=False, num_cpus=1); "
+            "print('token_auth', i.token_auth); tuner.shutdown()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "RAY_AUTH_MODE": mode})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"token_auth {mode == 'token'}" in proc.stdout
+
+
 def test_subset_larger_than_the_data_set_fails_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(_spec(data={"dataset": "synthetic", "subset": 99999})))

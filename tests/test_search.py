@@ -203,3 +203,18 @@ def test_other_algorithms_and_schedulers(algorithm: str, scheduler: str, tmp_pat
         cfg = json.loads(row.config)
         keys = set(cfg["optimizer"])
         assert keys == ({"name", "lr", "momentum"} if cfg["optimizer"]["name"] == "sgd" else {"name", "lr"})
+
+
+@pytest.mark.parametrize("cpus,gpus,cpu,gpu,expected", [
+    (1, 0, 0.1, 0, 10),  # 1 // 0.1 == 9.0 in floats
+    (0.9, 0, 0.3, 0, 3),  # 0.9 // 0.3 == 2.0
+    (2, 0, 0.7, 0, 2),
+    (16, 1, 1, 0.1, 10),  # 1 // 0.1 GPUs
+    (16, 2, 1, 0.3, 6),
+    (1, 0, 2, 0, 1),  # at least one
+])
+def test_concurrent_slots_count_like_ray(cpus: float, gpus: float, cpu: float, gpu: float, expected: int) -> None:
+    """No Ray started: the count uses Ray's fixed-point resource units, as its scheduler does."""
+    from cifar_tune.search import concurrent_slots
+
+    assert concurrent_slots(cpus, gpus, {"cpu": cpu, "gpu": gpu}) == expected
