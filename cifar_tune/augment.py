@@ -400,7 +400,7 @@ def hue_shift(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     inv = torch.where(chroma > 0, chroma, 1.0).reciprocal_()
     h6 = torch.where(maxc == r, g - b, torch.where(maxc == g, (b - r).add_(chroma, alpha=2.0), (r - g).add_(chroma, alpha=4.0)))
     h6 = h6.mul_(inv).add_(6.0 * turns.view(-1, 1, 1, 1))  # hue in sextants, shifted
-    n = torch.tensor(_SEXTANT_OFFSETS, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    n = to_device(torch.tensor(_SEXTANT_OFFSETS, dtype=x.dtype).view(1, 3, 1, 1), x.device)
     k = (n + h6).remainder_(6.0)
     return maxc - chroma * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
 
@@ -421,9 +421,11 @@ def _jitter_order(g: torch.Generator, n: int, ops: int, hue: int | None,
     by_position = torch.randperm(n, generator=g, device=g.device)  # images by hue position
     sizes = [n // ops + (p < n % ops) for p in range(ops)]
     hue_pos = torch.empty(n, dtype=torch.long, device=g.device)
-    hue_pos[by_position] = torch.repeat_interleave(torch.arange(ops, device=g.device), torch.tensor(sizes, device=g.device))
+    # output_size given and the sizes copied without blocking: no host sync (strict_sync on CUDA)
+    hue_pos[by_position] = torch.repeat_interleave(torch.arange(ops, device=g.device),
+                                                   to_device(torch.tensor(sizes), g.device), output_size=n)
     pos = torch.arange(ops, device=g.device).expand(n, ops)
-    others = torch.tensor([i for i in range(ops) if i != hue], device=g.device)
+    others = to_device(torch.tensor([i for i in range(ops) if i != hue]), g.device)
     skip_hue = pos - (pos > hue_pos[:, None]).long()  # position among the non-hue ops
     order = torch.where(pos == hue_pos[:, None], hue, others[rest.gather(1, skip_hue.clamp(max=ops - 2))]) if ops > 1 \
         else torch.full((n, 1), hue, device=g.device)
@@ -571,13 +573,19 @@ class _Mixer:
 # public API
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host constant on ``device`` without a host sync: a blocking host-to-device copy synchronises the
+    stream (and fails the step loop's ``strict_sync`` check); a non-blocking one from a fresh tensor does not."""
+    return t.to(device, non_blocking=True)
+
+
 def _channel_params(mean: Sequence[float], std: Sequence[float], device: torch.device,
                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, b) with (x / scale - mean) / std == x * a + b, each [1, C, 1, 1]."""
     m = torch.tensor(mean, dtype=torch.float64)
     s = torch.tensor(std, dtype=torch.float64)
     a, b = 1 / (scale * s), -m / s
-    return a.float().view(1, -1, 1, 1).to(device), b.float().view(1, -1, 1, 1).to(device)
+    return to_device(a.float().view(1, -1, 1, 1), device), to_device(b.float().view(1, -1, 1, 1), device)
 
 
 def normalize(x_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -56,14 +56,20 @@ MODELS: dict[str, dict[str, Any]] = {
     # the largest CNN of search_spaces/quickstart.yaml's space (widths 32/64/64, head 128)
     "quickstart": {"family": "vgg", "blocks": [{"channels": [32]}, {"channels": [64]}, {"channels": [64]}],
                    "head": [128], "dropout": 0.1, "global_pool": "avg"},
+    # seed 000's CNN6 (search_spaces/seed000_cifar100_asha.yaml): three 3x3 stages, 2.5M params at 100 classes
+    "seed000": {"family": "vgg", "blocks": [{"channels": [64, 64]}, {"channels": [128, 128]}, {"channels": [256, 256]}],
+                "dropout": 0.2, "head": [256]},
+    # search_spaces/models/resnet18.yaml: CIFAR ResNet-18 (seed 004's baseline)
+    "resnet18": {"family": "resnet", "widths": [64, 128, 256, 512], "blocks": [2, 2, 2, 2], "block": "basic",
+                 "shortcut": "conv"},
     # search_spaces/models/seed001_lenet5.yaml
     "lenet": {"family": "lenet", "channels": [6, 16], "kernel_size": 5, "padding": 0, "activation": "relu",
               "pool": "avg", "batch_norm": False, "hidden": [120, 84], "dropout": 0.0},
 }
 
 TARGETS = {  # (ratio key, model the target applies to or None for all, minimum)
-    "b_over_a": {"quickstart": 0.90, "lenet": 0.70},
-    "b_over_c": {"lenet": 2.0},
+    "b_over_a": {"quickstart": 0.90, "lenet": 0.70, "seed000": 0.80, "resnet18": 0.80},
+    "b_over_c": {"lenet": 2.0, "seed000": 5.0},
     "d_batched_over_per_image": {None: 10.0},
     "tune_efficiency": {None: 0.75},
     "f_randaugment_batched_over_per_image": {None: 10.0},
@@ -89,6 +95,7 @@ class BenchOptions:
     search_epochs: int = 4  # ASHA max_epochs (grace 1, reduction factor 2)
     search_epoch_s: float = 1.0  # size the search's data set so an epoch takes about this long
     search_images: int | None = None  # override: training images of the search (None: from search_epoch_s)
+    compile: bool = False  # also time fit with torch.compile: compile time and steady-state speed (row b_compiled)
 
 
 @dataclass
@@ -176,9 +183,22 @@ class LimitStep:
 def fit_images_per_s(model: nn.Module, train: Split, config: dict[str, Any], mean: tuple[float, ...],
                      std: tuple[float, ...], device: torch.device, seed: int) -> float:
     """One epoch of the real training loop, timed by fit's own clock (excludes its one-off setup)."""
+    # strict_sync on CUDA: the timed loop raises if it ever synchronises with the host
     result = fit(model, train, None, config, epochs=1, num_classes=NUM_CLASSES, mean=mean, std=std,
-                 seed=seed, device=device)
+                 seed=seed, device=device, strict_sync=device.type == "cuda")
     return float(result.history[-1]["images_per_s"])
+
+
+def compile_cost(cfg: dict[str, Any], train: Split, config: dict[str, Any], mean: tuple[float, ...],
+                 std: tuple[float, ...], device: torch.device, epochs: int = 3) -> dict[str, float]:
+    """fit with ``train.compile: true``: the first epoch pays the compilation; later ones show its gain."""
+    model = build_model(cfg, num_classes=NUM_CLASSES)
+    compiled = {**config, "train": {**config["train"], "compile": True}}
+    result = fit(model, train, None, compiled, epochs=epochs, num_classes=NUM_CLASSES, mean=mean, std=std,
+                 seed=0, device=device)
+    first, rest = result.history[0], result.history[1:]
+    return {"first_epoch_s": float(first["train_time_s"]),
+            "steady_images_per_s": statistics.median(float(h["images_per_s"]) for h in rest)}
 
 
 # ------------------------------------------------------------------------------------ c: seed-style
@@ -343,14 +363,30 @@ def measure_throughput(opts: BenchOptions, out: Callable[[str], None] = print) -
     _interleave(variants, rows, opts.rounds)
     loaders.clear()  # stops its persistent workers before the search starts
 
+    compiled = None
+    if opts.compile:
+        cc = compile_cost(cfg, resident, train_config, mean, std, device)
+        eager_s = opts.epoch_images / rows["b"].images_per_s
+        steady_s = opts.epoch_images / cc["steady_images_per_s"]
+        gain_s = eager_s - steady_s  # per epoch, once compiled
+        overhead_s = cc["first_epoch_s"] - steady_s
+        compiled = {**cc, "eager_images_per_s": rows["b"].images_per_s, "compile_overhead_s": overhead_s,
+                    "break_even_epochs": overhead_s / gain_s if gain_s > 0 else None}
+        out(f"torch.compile: first epoch {cc['first_epoch_s']:.1f} s, then {cc['steady_images_per_s']:,.0f} img/s "
+            f"(eager {rows['b'].images_per_s:,.0f}); pays off after "
+            + (f"{compiled['break_even_epochs']:.1f} epochs" if compiled["break_even_epochs"] else "never"))
+
     ratios = {
         "b_over_a": statistics.median(_round_ratios(rows["b"], rows["a"])),
         "b_over_c": statistics.median(_round_ratios(rows["b"], rows["c"])),
         "d_batched_over_per_image": statistics.median(_round_ratios(rows["d_batched"], rows["d_per_image"])),
         "d_batched_1t_over_per_image": statistics.median(_round_ratios(rows["d_batched_1t"], rows["d_per_image"])),
     }
-    return {"threads": threads, "rows": {k: {"what": r.what, "images_per_s": r.images_per_s, "samples": r.samples}
-                                         for k, r in rows.items()}, "ratios": ratios}
+    report = {"threads": threads, "rows": {k: {"what": r.what, "images_per_s": r.images_per_s, "samples": r.samples}
+                                           for k, r in rows.items()}, "ratios": ratios}
+    if compiled:
+        report["compile"] = compiled
+    return report
 
 
 # ------------------------------------------------------------------------------------------ f: policies
@@ -560,11 +596,7 @@ def _target_checks(model: str, ratios: dict[str, float], search: dict[str, Any] 
 
 
 def run_bench(opts: BenchOptions, out: Callable[[str], None] = print) -> dict[str, Any]:
-    report: dict[str, Any] = {
-        "options": asdict(opts),
-        "env": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-                "cores": os.cpu_count()},
-    }
+    report: dict[str, Any] = {"options": asdict(opts), "env": environment(opts.device)}
     if opts.only_policies:
         report.update(threads=opts.threads or torch.get_num_threads(), rows={}, ratios={})
     else:
@@ -578,6 +610,26 @@ def run_bench(opts: BenchOptions, out: Callable[[str], None] = print) -> dict[st
     ratios = {**report["ratios"], **report.get("policies", {}).get("ratios", {})}
     report["targets"] = _target_checks(opts.model, ratios, report.get("search"))
     return report
+
+
+def environment(device: str) -> dict[str, Any]:
+    env: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
+                           "machine": platform.machine(), "cores": os.cpu_count()}
+    if torch.device(device).type == "cuda":
+        props = torch.cuda.get_device_properties(torch.device(device))
+        env.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                   cudnn=torch.backends.cudnn.version(), driver=_nvidia_driver())
+    return env
+
+
+def _nvidia_driver() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def run_benches(opts: list[BenchOptions], out: Callable[[str], None] = print) -> dict[str, Any]:
@@ -594,12 +646,17 @@ def _fmt(v: Any, digits: int = 2) -> str:
 def markdown(report: dict[str, Any], command: str | None = None) -> str:
     """The tables of one model's report, or of each run of ``run_benches``."""
     if "runs" in report:
+        from cifar_tune.bench_pack import markdown as pack_markdown
+
         head = [f"command: `{command}`", ""] if command else []
-        return "\n".join(head + [f"### {r['options']['model']}\n\n{markdown(r)}" for r in report["runs"]])
+        return "\n".join(head + [f"### {r['options']['model']}\n\n{markdown(r)}" for r in report["runs"]]
+                         + pack_markdown(report)) + "\n"
     o = report["options"]
-    lines = [f"model `{o['model']}`, device {o['device']}, batch {o['batch_size']}, {report['threads']} torch threads "
+    env = report["env"]
+    gpu = f", {env['gpu']} (driver {env.get('driver')}, CUDA {env.get('cuda')})" if "gpu" in env else ""
+    lines = [f"model `{o['model']}`, device {o['device']}{gpu}, batch {o['batch_size']}, {report['threads']} torch threads "
              f"for rows a-d, {o['epoch_images']} images per epoch, median of {o['rounds']} interleaved rounds; "
-             f"torch {report['env']['torch']}, {report['env']['cores']} cores", ""]
+             f"torch {env['torch']}, {env['cores']} cores", ""]
     if command:
         lines += [f"command: `{command}`", ""]
     if report["rows"]:  # absent with --only-policies
@@ -622,6 +679,11 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
                     "run_search_s", "efficiency_incl_ray_start", "fresh_worker_start_s", "reused_starts",
                     "reused_worker_start_s", "reused_setup_s", "reused_gap_s", "reused_overhead_s", "reused_start_max_s"):
             lines.append(f"| {key} | {_fmt(s.get(key))} |")
+    if "compile" in report:
+        c = report["compile"]
+        lines += ["", "| torch.compile (fit, default mode) | value |", "|---|---:|"]
+        for key in ("eager_images_per_s", "steady_images_per_s", "first_epoch_s", "compile_overhead_s", "break_even_epochs"):
+            lines.append(f"| {key} | {_fmt(c.get(key))} |")
     lines += ["", "| target | value | wanted | met |", "|---|---:|---|---|"]
     lines += [f"| {t['metric']} | {_fmt(t['value'])} | {t['target']} | {'yes' if t['met'] else 'NO'} |"
               for t in report["targets"]]

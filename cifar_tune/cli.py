@@ -47,11 +47,13 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, args.set)
     sampler = make_sampler(spec)
+    memory = _MemoryCheck(spec, args.gpu_memory_gb)
     for i in range(args.n):
         s = sampler.sample(i)
         note = f", {s.rejected} over budget rejected" if s.rejected else ""
-        print(f"[{i}] params={s.params:,}{note}")
+        print(f"[{i}] params={s.params:,}{note}{memory.line(s.config)}")
         print(f"    {_fmt_config(s.config)}")
+    memory.summary()
     b = search_budget(num_trials(spec), spec.search.scheduler)
     sched = spec.search.scheduler
     print(f"\n{sched.name} budget for {b.trials} trials, up to {sched.max_epochs} epochs each:")
@@ -64,6 +66,44 @@ def cmd_preview(args: argparse.Namespace) -> int:
         f"({b.saving:.0%} saved)"
     )
     return EXIT_OK
+
+
+class _MemoryCheck:
+    """``preview``: each sampled config's estimated GPU memory against its share of a GPU."""
+
+    def __init__(self, spec: Any, gpu_memory_gb: float | None) -> None:
+        from cifar_tune import data as data_mod
+        from cifar_tune.devices import gpu_memory_mb
+
+        self.gpus_per_trial = spec.search.resources.gpus_per_trial
+        self.info = data_mod.dataset_info(spec.data)
+        self.images = data_mod.num_training_images(spec.data)
+        self.gpu_mb = gpu_memory_gb * 1024 if gpu_memory_gb else gpu_memory_mb()
+        self.share_mb = self.gpu_mb * self.gpus_per_trial if self.gpu_mb and self.gpus_per_trial else None
+        self.over: list[float] = []
+
+    def line(self, config: dict[str, Any]) -> str:
+        from cifar_tune.devices import estimate_config_memory_mb
+
+        if not self.gpus_per_trial:
+            return ""
+        est = estimate_config_memory_mb(config, num_classes=self.info.num_classes, in_channels=self.info.channels,
+                                        image_size=self.info.image_size, data_images=self.images)["total_mb"]
+        if self.share_mb is not None and est > self.share_mb:
+            self.over.append(est)
+            return f", GPU memory ~{est:,.0f} MiB: OVER its share {self.share_mb:,.0f} MiB"
+        return f", GPU memory ~{est:,.0f} MiB"
+
+    def summary(self) -> None:
+        if not self.gpus_per_trial:
+            return
+        if self.share_mb is None:
+            print(f"(GPU memory estimated per trial; pass --gpu-memory-gb to check {self.gpus_per_trial:g} GPU per trial "
+                  "against your GPUs)")
+        elif self.over:
+            print(f"warning: {len(self.over)} sampled configs need more than their {self.gpus_per_trial:g} share of a "
+                  f"{self.gpu_mb / 1024:,.0f} GiB GPU ({self.share_mb:,.0f} MiB): they would fail with status oom; "
+                  "raise gpus_per_trial (fewer trials per GPU) or lower the batch size")
 
 
 def cmd_model_info(args: argparse.Namespace) -> int:
@@ -105,7 +145,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"epoch {m['epoch']:>3}  train_loss {m['train_loss']:.4f} train_acc {m['train_acc']:.4f}{val}"
               f"  lr {m['lr']:.2e}  {m['images_per_s']:,.0f} img/s  {m['epoch_time_s']:.1f}s", flush=True)
 
-    result = run_trial(sample.config, setup, trial_id=f"t{args.index:04d}", report=report, device=args.device)
+    from cifar_tune.devices import parse_device
+
+    try:
+        device = parse_device(args.device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print(f"device: {device}")
+    result = run_trial(sample.config, setup, trial_id=f"t{args.index:04d}", report=report, device=device)
     print(f"status: {result.status} after {result.epochs_run} epochs ({result.train_time_s:.1f}s training)")
     return EXIT_OK if result.status == "completed" else EXIT_FAILED
 
@@ -147,9 +194,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cifar_tune.devices import parse_device
     from cifar_tune.retrain import run_evaluate
 
-    run_evaluate(args.checkpoint, args.data, args.split)
+    try:
+        device = parse_device(args.device)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    run_evaluate(args.checkpoint, args.data, args.split, device=device)
     return EXIT_OK
 
 
@@ -157,12 +209,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from cifar_tune.bench import BenchOptions, markdown, run_benches, write_report
 
     # several models: rows a-d for each, the search (row e) once, with the first model
+    models = [] if args.no_throughput else args.model.split(",")
     opts = [BenchOptions(model=m, device=args.device, batch_size=args.batch_size, threads=args.threads,
                          epoch_images=args.epoch_images, rounds=args.rounds, search=not args.no_search and i == 0,
-                         policies=i == 0, only_policies=args.only_policies)
-            for i, m in enumerate(args.model.split(","))]
+                         policies=i == 0, only_policies=args.only_policies,
+                         num_workers=args.loader_workers, compile=args.compile)
+            for i, m in enumerate(models)]
     try:
         report = run_benches(opts)
+        if args.pack or args.workflow:
+            from cifar_tune.bench_pack import run_gpu_benches
+
+            report.update(run_gpu_benches(args))
     except ValueError as e:
         raise UserError(str(e)) from None
     command = "cifar-tune " + " ".join(sys.argv[1:]) if args.json else None
@@ -195,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preview", help="print sampled configs with parameter counts and the ASHA budget")
     _add_spec_args(p)
     p.add_argument("-n", type=int, default=5, help="number of configs to sample (default 5)")
+    p.add_argument("--gpu-memory-gb", type=float, default=None,
+                   help="memory of the cluster's GPUs, to check each trial's share (default: this machine's GPU)")
     p.set_defaults(func=cmd_preview)
 
     p = sub.add_parser("model-info", help="parameters, buffers and MACs of a model config")
@@ -244,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", default=None, metavar="DATASET_OR_NPZ",
                    help="evaluate on these instead of the checkpoint's own data (a dataset name or an .npz file)")
     p.add_argument("--split", choices=("test", "trainval"), default="test", help="default: test")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bench", help="measure training throughput against the hardware limit and Tune efficiency")
@@ -257,6 +318,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-search", action="store_true", help="skip the Ray Tune search (row e)")
     p.add_argument("--only-policies", action="store_true",
                    help="run only row f: batched AutoAugment/RandAugment/TrivialAugment vs torchvision per image")
+    p.add_argument("--no-throughput", action="store_true", help="skip rows a-e (only --pack / --workflow)")
+    p.add_argument("--loader-workers", type=int, default=2, help="DataLoader workers of the seed-style row c (default 2)")
+    p.add_argument("--compile", action="store_true", help="also time fit with torch.compile (compile cost, break-even)")
+    p.add_argument("--pack", default=None, metavar="K,K,...",
+                   help="packing: a real search with K trials sharing one GPU (gpus_per_trial 1/K; on CPU, K CPUs), e.g. 1,2,4,8,16")
+    p.add_argument("--pack-model", default="seed000", help="model of the packing searches (default: seed000)")
+    p.add_argument("--pack-epochs", type=int, default=3, help="epochs per packed trial (default 3; the first is not measured)")
+    p.add_argument("--pack-batch-size", type=int, default=128, help="batch size of packed trials (default 128, seed 000's)")
+    p.add_argument("--mps", default="off", help="off, on or off,on: packing without/with the CUDA MPS daemon")
+    p.add_argument("--images", type=int, default=50_000, help="CIFAR-100-shaped synthetic images for --pack/--workflow")
+    p.add_argument("--workflow", action="store_true", help="a shortened seed-000 search + retrain, timed; the full one projected")
+    p.add_argument("--workflow-trials", type=int, default=16)
+    p.add_argument("--workflow-epochs", type=int, default=5)
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -736,6 +736,18 @@ def split_problem(data: DataSpec, pool: int, y_train: np.ndarray | None, y_val: 
     return None
 
 
+_TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000}  # known without the files (preview runs offline)
+
+
+def num_training_images(data: DataSpec) -> int:
+    """Images a worker keeps resident (train + val, after ``subset``); for memory estimates."""
+    if data.subset is not None:
+        return data.subset
+    if data.dataset in _TRAIN_IMAGES:
+        return _TRAIN_IMAGES[data.dataset]
+    return len(_raw(data, train=True).y)
+
+
 def install_training_arrays(data: DataSpec, arrays: _Arrays) -> None:
     """Seed this process's cache with arrays loaded elsewhere (read-only, zero-copy from Ray)."""
     key = (_key(data), True)

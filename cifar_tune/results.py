@@ -33,6 +33,7 @@ FINISHED = ("completed", "stopped", "diverged", "error", "oom")
 EPOCH_KEYS = (
     "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr",
     "train_time_s", "epoch_time_s", "images_per_s", "status", "node_id", "pid", "worker_data_loads",
+    "device", "gpu_mem_peak_mb", "ended_at",
 )
 EPOCH_COLUMNS = ("trial_id", *EPOCH_KEYS, "attempt")  # attempt: which start of the trial wrote the row
 

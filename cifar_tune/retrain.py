@@ -153,16 +153,25 @@ def retrain_one(
     test: data_mod.Split,
     threads: int = 1,
     report: Callable[[dict[str, Any]], Any] | None = None,
+    device: torch.device | None = None,
+    memory_fraction: float | None = None,
 ) -> dict[str, Any]:
-    """Runs in a Ray task: fit on train+val, evaluate on ``test`` once. Never raises for a bad run."""
+    """Runs in a Ray task: fit on train+val, evaluate on ``test`` once. Never raises for a bad run.
+
+    ``device``: what Ray assigned the task (CPU if None); ``memory_fraction``: its share of that GPU.
+    """
+    from cifar_tune import devices
     from cifar_tune.models import build_model, model_info
-    from cifar_tune.train import default_device, evaluate, fit
+    from cifar_tune.train import evaluate, fit
 
     torch.set_num_threads(max(1, threads))  # as many threads as the task reserved CPUs
     t0 = time.perf_counter()
     out: dict[str, Any] = {"trial_id": trial_id, "seed": seed_index, "torch_seed": seed, "status": "error", "error": None}
+    device = device or torch.device("cpu")
+    out["device"] = str(device)
+    model = None
     try:
-        device = default_device()
+        devices.begin_trial(device, memory_fraction)
         info = data_mod.dataset_info(data)
         trainval = data_mod.load_trainval(data, device)
         torch.manual_seed(seed)
@@ -185,6 +194,12 @@ def retrain_one(
     except Exception as e:  # noqa: BLE001 - one failed refit must not lose the others' results
         message = f"{type(e).__name__}: {e}".splitlines()[0][:500]
         out.update(status="oom" if "out of memory" in message.lower() else "error", error=message)
+    finally:
+        peak_mb = devices.peak_memory_mb(device)
+        if peak_mb is not None:
+            out["gpu_mem_peak_mb"] = peak_mb
+        del model
+        devices.end_trial(device, compiled=bool(config.get("train", {}).get("compile")))
     out["wall_time_s"] = time.perf_counter() - t0
     return out
 
@@ -239,7 +254,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 RETRAIN_COLUMNS = (
     "trial_id", "rank", "seed", "torch_seed", "epochs", "epochs_run", "params", "test_acc", "test_top5",
     "test_loss", "per_class_acc", "confusion", "num_test_images", "train_time_s", "wall_time_s", "status",
-    "error", "checkpoint", "config", "rank_by", "search_status", "search_epochs_run",
+    "error", "checkpoint", "config", "rank_by", "search_status", "search_epochs_run", "device", "gpu_mem_peak_mb",
 )
 
 
@@ -509,10 +524,12 @@ def override_data(ckpt_data: DataSpec, value: str) -> DataSpec:
     return replace(ckpt_data, dataset=value, path=None, subset=None)
 
 
-def evaluate_checkpoint(ckpt: dict[str, Any], data: DataSpec, split: str, where: str) -> CheckpointEval:
+def evaluate_checkpoint(ckpt: dict[str, Any], data: DataSpec, split: str, where: str,
+                        device: torch.device | None = None) -> CheckpointEval:
     """Rebuild the model from the checkpoint and evaluate it with the normalisation it was trained with."""
+    from cifar_tune.devices import parse_device
     from cifar_tune.models import build_model
-    from cifar_tune.train import default_device, evaluate
+    from cifar_tune.train import evaluate
 
     info = data_mod.dataset_info(data)
     want = (ckpt["num_classes"], ckpt["in_channels"], ckpt["image_size"])
@@ -522,7 +539,7 @@ def evaluate_checkpoint(ckpt: dict[str, Any], data: DataSpec, split: str, where:
                         f"{data.dataset} has {got[0]} classes of {got[1]}x{got[2]}x{got[2]}")
     model = build_model(ckpt["config"]["model"], num_classes=want[0], in_channels=want[1], image_size=want[2])
     model.load_state_dict(ckpt["state_dict"])
-    device = default_device()
+    device = device or parse_device(None)
     model.to(device)
     data_mod.prepare(data)
     part = data_mod.load_test(data) if split == "test" else data_mod.load_trainval(data)
@@ -530,14 +547,15 @@ def evaluate_checkpoint(ckpt: dict[str, Any], data: DataSpec, split: str, where:
     return CheckpointEval(data=data, split=split, top1=ev.top1, top5=ev.top5, loss=ev.loss, num_images=ev.num_images)
 
 
-def run_evaluate(path: str, data_values: list[str] | None, split: str, out: Printer = print) -> list[CheckpointEval]:
+def run_evaluate(path: str, data_values: list[str] | None, split: str, out: Printer = print,
+                 device: torch.device | None = None) -> list[CheckpointEval]:
     ckpt = load_checkpoint(path)
     base = data_spec_from_dict(ckpt["data"], path)
     targets = [override_data(base, v) for v in data_values] if data_values else [base]
     out(f"{path}: {ckpt['trial_id']} seed {ckpt['seed']}, {ckpt['epochs']} epochs, {summarize_config(ckpt['config'])}")
     results = []
     for data in targets:
-        r = evaluate_checkpoint(ckpt, data, split, path)
+        r = evaluate_checkpoint(ckpt, data, split, path, device)
         name = data.path if data.dataset == "npz" else data.dataset
         out(f"  {name} {split} ({r.num_images:,} images): top-1 {r.top1:.4f}  top-5 {r.top5:.4f}  loss {r.loss:.4f}")
         results.append(r)

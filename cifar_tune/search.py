@@ -333,6 +333,8 @@ def run_search(
     else:
         source = SampledSource(log, todo)
         remaining = len(todo)
+    for line in gpu_warnings(cluster.gpus, spec.search.resources.gpus_per_trial, min(max_concurrent, slots)):
+        out(line)
     out(
         f"search '{exp.name}': {remaining} trials to run of {total}, {min(max_concurrent, slots)} at a time "
         f"({resources['cpu']:g} CPU" + (f", {resources['gpu']:g} GPU" if resources["gpu"] else "") + " each), "
@@ -370,6 +372,22 @@ def run_search(
     if interrupted or unfinished:
         out(f"{len(unfinished)} trials unfinished; continue with: cifar-tune search {spec.source} --name {exp.name} --resume")
     return exp
+
+
+def gpu_warnings(cluster_gpus: float, gpus_per_trial: float, concurrent: int) -> list[str]:
+    """Say so when GPUs in the cluster would sit idle, or when GPU trials will run on the CPU."""
+    if cluster_gpus > 0 and gpus_per_trial == 0:
+        return [f"warning: the cluster has {cluster_gpus:g} GPU(s) but search.resources.gpus_per_trial is 0: trials "
+                f"train on the CPU and the GPUs sit idle (e.g. gpus_per_trial: 0.25 packs 4 trials per GPU)"]
+    if cluster_gpus == 0 and gpus_per_trial > 0:
+        return [f"warning: search.resources.gpus_per_trial is {gpus_per_trial:g} but the cluster has no GPU: "
+                "trials train on the CPU"]
+    used = concurrent * gpus_per_trial
+    if gpus_per_trial > 0 and used < cluster_gpus - 1e-9:
+        return [f"warning: {concurrent} trials at a time x {gpus_per_trial:g} GPU use {used:g} of the cluster's "
+                f"{cluster_gpus:g} GPUs; the rest sit idle (raise search.max_concurrent, or the CPUs per trial "
+                "allow no more)"]
+    return []
 
 
 def print_cluster(c: Any, out: Printer) -> None:

@@ -62,10 +62,12 @@ class SchedulerSpec:
 @dataclass(frozen=True)
 class ResourcesSpec:
     cpus_per_trial: float = field(default=1.0, metadata=_check(lambda v: v > 0, "must be > 0"))
-    # fractional GPUs pack several small trials on one device (0.25 -> 4 trials per GPU)
+    # fractional GPUs pack several small trials on one device (0.25 -> 4 trials per GPU); a trial trains
+    # on one device (no data-parallel trials), so more than 1 would reserve GPUs it never uses
     gpus_per_trial: float = field(
         default=0.0,
-        metadata=_check(lambda v: v == 0 or 0 < v <= 1 or float(v).is_integer(), "must be 0, a fraction <= 1, or a whole number"),
+        metadata=_check(lambda v: 0 <= v <= 1, "must be between 0 and 1 (a trial trains on one GPU; "
+                        "a fraction packs several trials per GPU)"),
     )
 
 

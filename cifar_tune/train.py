@@ -20,6 +20,7 @@ from torch import nn
 
 from cifar_tune.augment import build_augment, normalize
 from cifar_tune.data import Split
+from cifar_tune.devices import peak_memory_mb
 from cifar_tune.optim import build_optimizer, build_schedule
 
 
@@ -83,6 +84,21 @@ def prepare_model(model: nn.Module, device: torch.device, opts: TrainOptions) ->
     return model
 
 
+@contextlib.contextmanager
+def _no_host_sync(device: torch.device, strict: bool) -> Iterator[None]:
+    """With ``strict`` on CUDA, any host synchronisation inside raises (tests and ``bench`` prove the
+    step loop has none); otherwise a no-op."""
+    if not (strict and device.type == "cuda"):
+        yield
+        return
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
 def _batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
     """Shuffled index batches; the last partial batch is dropped (BatchNorm needs > 1 image)."""
     perm = torch.randperm(n, generator=generator, device=generator.device).to(device, non_blocking=True)
@@ -104,12 +120,14 @@ def fit(
     seed: int = 0,
     device: torch.device | str | None = None,
     on_epoch: Callable[[dict[str, float]], Any] | None = None,
+    strict_sync: bool = False,
 ) -> FitResult:
     """Train ``model`` for ``epochs`` on ``train``; evaluate on ``val`` (if given) after each epoch.
 
     ``config`` is a sampled trial config (keys optimizer, schedule, augment, train). ``on_epoch``
     receives each epoch's metrics (the search reports them to Ray Tune from there). A non-finite
-    training loss ends the run with status ``diverged``.
+    training loss ends the run with status ``diverged``. ``strict_sync``: raise if the step loop
+    synchronises with the host (CUDA only).
     """
     device = torch.device(device) if device is not None else default_device()
     opts = TrainOptions(**config.get("train", {}))
@@ -131,23 +149,24 @@ def fit(
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
-        for idx in _batches(len(train), opts.batch_size, gen, device):
-            yb = y_all[idx]
-            xb, targets = augment(x_all[idx], yb, gen)
-            if channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            with _autocast(device, opts.precision):
-                logits = step_model(xb)
-                loss = F.cross_entropy(logits.float(), targets, label_smoothing=opts.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if opts.grad_clip_norm is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip_norm, foreach=True)
-            optimizer.step()
-            schedule.step_batch()
-            loss_sum += loss.detach() * idx.numel()
-            correct += (logits.detach().argmax(1) == yb).sum()
-            seen += idx.numel()
+        with _no_host_sync(device, strict_sync):
+            for idx in _batches(len(train), opts.batch_size, gen, device):
+                yb = y_all[idx]
+                xb, targets = augment(x_all[idx], yb, gen)
+                if channels_last:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                with _autocast(device, opts.precision):
+                    logits = step_model(xb)
+                    loss = F.cross_entropy(logits.float(), targets, label_smoothing=opts.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if opts.grad_clip_norm is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip_norm, foreach=True)
+                optimizer.step()
+                schedule.step_batch()
+                loss_sum += loss.detach() * idx.numel()
+                correct += (logits.detach().argmax(1) == yb).sum()
+                seen += idx.numel()
         train_loss = loss_sum.item() / seen  # the one host sync of the epoch
         train_time_s = time.perf_counter() - t0
         metrics: dict[str, float] = {
@@ -174,6 +193,9 @@ def fit(
             metrics.update(val_loss=ev.loss, val_acc=ev.top1, val_top5=ev.top5)
         schedule.step_epoch(val_loss)
         metrics["epoch_time_s"] = time.perf_counter() - t0
+        metrics["ended_at"] = time.time()  # wall clock: shows which trials' epochs overlapped
+        if (peak_mb := peak_memory_mb(device)) is not None:
+            metrics["gpu_mem_peak_mb"] = peak_mb
         result.history.append(metrics)
         if on_epoch:
             on_epoch(metrics)

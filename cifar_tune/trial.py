@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from cifar_tune import data as data_mod
+from cifar_tune import devices
 from cifar_tune.models import build_model
 from cifar_tune.spec import DataSpec
-from cifar_tune.train import FitResult, default_device, fit
+from cifar_tune.train import FitResult, fit
 
 
 @dataclass(frozen=True)
@@ -67,13 +68,19 @@ def run_trial(
     trial_id: str,
     report: Callable[[dict[str, Any]], Any],
     device: torch.device | str | None = None,
+    memory_fraction: float | None = None,
     forbid_test: bool = True,
 ) -> FitResult:
-    """Train one config on the train split, reporting validation metrics after every epoch."""
+    """Train one config on the train split, reporting validation metrics after every epoch.
+
+    ``device`` is the one the caller was given (in a search: what Ray assigned; see devices.py), CPU if
+    None. ``memory_fraction`` caps this process's share of a GPU that other trials share.
+    """
     t0 = time.perf_counter()
     if forbid_test:
         data_mod.forbid_test()  # a search must never see the test split
-    device = torch.device(device) if device is not None else default_device()
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    devices.begin_trial(device, memory_fraction)
     info = data_mod.dataset_info(setup.data)
     train, val = data_mod.load_splits(setup.data, device)  # cached: a reused worker does not reload
     seed = trial_seed(setup.seed, trial_id)
@@ -90,7 +97,8 @@ def run_trial(
         _inject_fault(trial_id, int(metrics["epoch"]))
         reported.append(int(metrics["epoch"]))
         report({**metrics, "trial_id": trial_id, "params": params, "setup_time_s": setup_time_s,
-                "status": metrics.get("status", "running"), "pid": os.getpid(), "worker_data_loads": data_mod.raw_loads})
+                "status": metrics.get("status", "running"), "pid": os.getpid(), "worker_data_loads": data_mod.raw_loads,
+                "device": str(device)})
 
     try:
         return fit(
@@ -101,3 +109,7 @@ def run_trial(
         # no "epoch" key: this report ends the trial but is not an epoch (results.py appends no row)
         report({"trial_id": trial_id, "params": params, "status": "oom", "error": f"out of memory: {str(e)[:300]}"})
         return FitResult(status="oom", epochs_run=len(reported))
+    finally:
+        # a reused worker runs the next trial next: drop this one's model, graphs and cached GPU blocks
+        del model
+        devices.end_trial(device, compiled=bool(config.get("train", {}).get("compile")))

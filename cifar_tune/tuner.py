@@ -30,6 +30,7 @@ from ray.tune.schedulers import (  # noqa: E402
 )
 from ray.tune.search import Searcher  # noqa: E402
 
+from cifar_tune import devices  # noqa: E402
 from cifar_tune.spec import ResourcesSpec, SchedulerSpec  # noqa: E402
 
 TOKEN_PATH = Path.home() / ".ray" / "auth_token"
@@ -107,6 +108,20 @@ def shutdown() -> None:
         ray.shutdown()
 
 
+# ------------------------------------------------------------------------------------- placement
+
+
+def ray_assignment() -> tuple[list[Any], str | None, float]:
+    """What Ray gave this worker: its GPU ids, the CUDA_VISIBLE_DEVICES it set, and the GPU amount."""
+    share = ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)
+    return list(ray.get_gpu_ids()), os.environ.get("CUDA_VISIBLE_DEVICES"), share
+
+
+def assigned_device() -> tuple[Any, float | None]:
+    """The device Ray assigned this worker (CPU if none) and its share of that GPU (None: all of it)."""
+    return devices.placement(*ray_assignment())
+
+
 # ---------------------------------------------------------------------------------------- search
 
 
@@ -126,7 +141,8 @@ def cifar_tune_trial(config: dict[str, Any], setup: Any, shared_data: Any = None
     def report(metrics: dict[str, Any]) -> None:
         tune.report({**metrics, "node_id": node_id})
 
-    run_trial(config["config"], setup, trial_id=config["trial_id"], report=report)
+    device, share = assigned_device()
+    run_trial(config["config"], setup, trial_id=config["trial_id"], report=report, device=device, memory_fraction=share)
 
 
 class _SourceSearcher(Searcher):
@@ -212,6 +228,17 @@ def trial_resources(res: ResourcesSpec, cluster: RayInfo) -> dict[str, float]:
     return {"cpu": res.cpus_per_trial, "gpu": gpus}
 
 
+def _on_assigned_device(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A task body that receives ``device=`` and ``memory_fraction=`` from Ray's assignment."""
+
+    def run(**kwargs: Any) -> Any:
+        device, share = assigned_device()
+        return fn(**kwargs, device=device, memory_fraction=share)
+
+    run.__name__ = run.__qualname__ = fn.__name__  # what the dashboard's Tasks page shows
+    return run
+
+
 def run_search(
     *,
     setup: Any,
@@ -291,6 +318,9 @@ def run_tasks(
 ) -> Iterator[tuple[int, Any]]:
     """Run ``fn(**kwargs)`` for each call as Ray tasks; yield ``(index, result)`` as each finishes.
 
+    ``fn`` also receives ``device=`` and ``memory_fraction=``: the accelerator Ray gave the task and its
+    share of it (see ``assigned_device``).
+
     With ``on_progress``, each call also gets ``report=``: items it reports reach ``on_progress`` in
     the driver (through a Ray queue polled every ``poll_s``), before that call's result is yielded.
     """
@@ -300,7 +330,7 @@ def run_tasks(
 
         queue = Queue(actor_options={"num_cpus": 0})  # a bookkeeping actor must not take a task's CPU
         calls = [{**kw, "report": _QueueReporter(queue)} for kw in calls]
-    remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=1)(fn)
+    remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=1)(_on_assigned_device(fn))
     pending = {remote.remote(**kw): i for i, kw in enumerate(calls)}
     try:
         while pending:

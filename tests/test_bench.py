@@ -82,3 +82,57 @@ def test_compile_trains_on_cpu() -> None:
                  mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), device="cpu")
     assert result.status == "completed" and result.epochs_run == 2
     assert all(math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"]) for h in result.history)
+
+
+# ------------------------------------------------------------------------- packing and workflow
+
+
+def test_packing_rates_from_epoch_rows() -> None:
+    from cifar_tune.bench_pack import packing_rates
+
+    # two trials, 3 epochs each; epoch 1 is left out; epochs 2-3 of both run in [10, 14] seconds
+    rows = [("t0", 1, 5.0, 1.0, 9.0), ("t0", 2, 7.0, 2.0, 500.0), ("t0", 3, 9.0, 2.0, 500.0),
+            ("t1", 1, 6.0, 1.0, 9.0), ("t1", 2, 8.0, 2.0, 400.0), ("t1", 3, 10.0, 2.0, 600.0)]
+    ep = pd.DataFrame([{"trial_id": t, "epoch": e, "ended_at": 4.0 + end, "epoch_time_s": dur, "images_per_s": ips,
+                        "gpu_mem_peak_mb": 100.0 + e} for t, e, end, dur, ips in rows])
+    r = packing_rates(ep, images_per_epoch=1000)
+    assert r["trials"] == 2 and r["window_s"] == pytest.approx(14.0 - 9.0)
+    assert r["aggregate_images_per_s"] == pytest.approx(4 * 1000 / 5.0)
+    assert r["per_trial_images_per_s"] == pytest.approx(500.0)  # medians 500 and 500
+    assert r["per_trial_min_images_per_s"] == pytest.approx(500.0)
+    assert r["gpu_mem_peak_mb"] == 103.0 and r["overlap"] is True
+    ep.loc[ep["trial_id"] == "t1", "ended_at"] += 100  # t1 ran after t0: not concurrent
+    assert packing_rates(ep, images_per_epoch=1000)["overlap"] is False
+
+
+def test_workflow_projection_walks_the_asha_rungs() -> None:
+    from cifar_tune.bench_pack import project_workflow
+
+    # 4 trials, ASHA to 2 epochs: all 4 run epoch 1 (4 at once, 100 img/s each), 2 run epoch 2 (200 img/s each);
+    # the retrain's 3 refits run at the rate of the next measured level up, 4 (100 img/s)
+    p = project_workflow({1: 400.0, 2: 200.0, 4: 100.0}, num_samples=4, max_concurrent=4, max_epochs=2,
+                         train_images=1000, retrain_top=3, retrain_epochs=1, retrain_images=1000, overhead_s=2.0)
+    assert p["rungs"] == [(1, 4), (2, 2)]
+    assert p["search_s"] == pytest.approx(1000 / 100 + 1000 / 200)
+    assert p["retrain_s"] == pytest.approx(1000 / 100)
+    assert p["total_s"] == pytest.approx(15 + 10 + 2)
+    # more trials than run at once go in waves
+    waves = project_workflow({2: 100.0}, num_samples=4, max_concurrent=2, max_epochs=1, train_images=1000,
+                             retrain_top=1, retrain_epochs=1, retrain_images=1000)
+    assert waves["search_s"] == pytest.approx(2 * 1000 / 100)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_bench_packing_smoke_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`cifar-tune bench --pack` on the CPU: real searches at 1 and 2 trials, the table written."""
+    out = tmp_path / "pack.json"
+    assert main(["bench", "--device", "cpu", "--no-throughput", "--pack", "1,2", "--pack-model", "lenet",
+                 "--pack-epochs", "2", "--images", "600", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = report["packing"]["rows"]
+    assert [r["k"] for r in rows] == [1, 2] and all(r["devices"] == ["cpu"] for r in rows)
+    assert all(r["statuses"] == {"completed": r["k"]} for r in rows)
+    assert all(_positive(r["aggregate_images_per_s"]) and _positive(r["per_trial_images_per_s"]) for r in rows)
+    assert report["packing"]["aggregate_over_one"]["1"] == pytest.approx(1.0)
+    assert "| 2 | off |" in out.with_suffix(".md").read_text()

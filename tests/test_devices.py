@@ -1,0 +1,195 @@
+"""Device placement from Ray's assignment, memory hygiene and estimates, GPU warnings: the parts a CPU can test.
+
+The same code on a real GPU is exercised by test_gpu.py (marker ``gpu``).
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from typing import Any
+
+import pytest
+import torch
+
+from cifar_tune import devices
+from cifar_tune.errors import UserError
+from cifar_tune.models import build_model
+from cifar_tune.search import gpu_warnings
+from cifar_tune.spec import parse_spec
+
+# ----------------------------------------------------------------------------------- placement
+
+
+def test_no_gpu_assigned_means_cpu_even_on_a_gpu_host() -> None:
+    # Ray leaves CUDA_VISIBLE_DEVICES alone for 0-GPU workers: the old "cuda if available" landed on GPU 0
+    assert devices.device_for_gpus([], visible_devices="0,1,2,3", cuda_available=True) == torch.device("cpu")
+    assert devices.device_for_gpus([], visible_devices=None, cuda_available=True) == torch.device("cpu")
+
+
+@pytest.mark.parametrize(("ids", "visible", "expected"), [
+    (["2"], "2", "cuda:0"),  # Ray narrowed CUDA_VISIBLE_DEVICES to the assigned GPU
+    ([3], "1,3", "cuda:1"),  # a physical id is found by its position in the visible list
+    (["1"], None, "cuda:1"),  # RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES: physical id = torch index
+    (["GPU-5f2c"], "GPU-a1b2,GPU-5f2c", "cuda:1"),  # UUIDs work the same way
+])
+def test_assigned_gpu_maps_to_its_torch_index(ids: list[Any], visible: str | None, expected: str) -> None:
+    assert devices.device_for_gpus(ids, visible_devices=visible, cuda_available=True) == torch.device(expected)
+
+
+def test_assigned_gpu_without_cuda_is_a_clear_error() -> None:
+    with pytest.raises(RuntimeError, match="Ray assigned GPU 0 but torch .* sees no CUDA device"):
+        devices.device_for_gpus(["0"], visible_devices="0", cuda_available=False)
+    with pytest.raises(RuntimeError, match="CUDA_VISIBLE_DEVICES is '1'"):
+        devices.device_for_gpus(["0"], visible_devices="1", cuda_available=True)
+    with pytest.raises(ValueError, match="one device"):
+        devices.device_for_gpus(["0", "1"], visible_devices="0,1", cuda_available=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without CUDA")
+def test_parse_device_without_cuda() -> None:
+    assert devices.parse_device(None) == torch.device("cpu")
+    assert devices.parse_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="sees no CUDA device"):
+        devices.parse_device("cuda")
+    with pytest.raises(ValueError, match="not a device"):
+        devices.parse_device("gpu0")
+    with pytest.raises(ValueError, match="only cpu and cuda"):
+        devices.parse_device("meta")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without CUDA")
+@pytest.mark.parametrize("cmd", ["train", "evaluate"])
+def test_train_and_evaluate_take_device(cmd: str, tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from cifar_tune.cli import main
+
+    args = ([cmd, "search_spaces/smoke.yaml"] if cmd == "train" else [cmd, str(tmp_path / "x.pt")]) + ["--device", "cuda"]
+    assert main(args) == 2
+    assert "--device cuda: torch" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- resources
+
+
+def _spec(gpus: float) -> dict[str, Any]:
+    return {"space": {"model": {"family": "mlp", "hidden": [8]}}, "search": {"resources": {"gpus_per_trial": gpus}}}
+
+
+@pytest.mark.parametrize("gpus", [2, 1.5, -0.5])
+def test_more_than_one_gpu_per_trial_is_a_validation_error(gpus: float) -> None:
+    with pytest.raises(UserError, match=r"search\.resources\.gpus_per_trial: must be between 0 and 1 \(a trial trains on one GPU"):
+        parse_spec(_spec(gpus), "x.yaml")
+
+
+@pytest.mark.parametrize("gpus", [0, 0.0625, 0.25, 1])
+def test_fractional_and_whole_gpu_per_trial_are_accepted(gpus: float) -> None:
+    assert parse_spec(_spec(gpus), "x.yaml").search.resources.gpus_per_trial == gpus
+
+
+def test_search_says_when_gpus_sit_idle() -> None:
+    assert "GPUs sit idle" in gpu_warnings(1, 0.0, 2)[0]
+    assert "1 of the cluster's 4 GPUs" in gpu_warnings(4, 0.25, 4)[0]  # 4 trials x 1/4 GPU on a 4-GPU node
+    assert "has no GPU" in gpu_warnings(0, 0.5, 2)[0]
+    assert gpu_warnings(1, 0.0625, 16) == []  # 16 x 1/16: the GPU is fully packed
+    assert gpu_warnings(0, 0.0, 2) == []
+
+
+# ------------------------------------------------------------------------------ memory hygiene
+
+
+def test_end_trial_frees_a_compiled_model() -> None:
+    model = torch.nn.Linear(4, 2)
+    compiled = torch.compile(model, backend="eager")
+    compiled(torch.ones(1, 4))
+    ref = weakref.ref(model)
+    del model, compiled
+    devices.end_trial(torch.device("cpu"), compiled=True)
+    gc.collect()
+    assert ref() is None  # nothing (dynamo's caches included) keeps the old trial's model alive
+
+
+def test_cpu_trials_report_no_gpu_memory() -> None:
+    assert devices.peak_memory_mb(torch.device("cpu")) is None
+    devices.begin_trial(torch.device("cpu"), 0.25)  # a no-op, not an error
+
+
+# ----------------------------------------------------------------------------- memory estimate
+
+
+@pytest.mark.parametrize(("opt", "copies"), [
+    ({"name": "sgd", "momentum": 0.9}, 1), ({"name": "sgd"}, 0), ({"name": "adam"}, 2), ({"name": "adamw", "amsgrad": True}, 3),
+    ({"name": "rmsprop"}, 1), ({"name": "rmsprop", "momentum": 0.5}, 2), ({"name": "adagrad"}, 1),
+])
+def test_optimizer_state_copies_match_torch(opt: dict[str, Any], copies: int) -> None:
+    from cifar_tune.optim import build_optimizer
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = build_optimizer(model.parameters(), {**opt, "lr": 0.01})
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    # state tensors with the parameter's shape (scalar step counters excluded)
+    state = sum(1 for s in optimizer.state[model.weight].values() if torch.is_tensor(s) and s.shape == model.weight.shape)
+    assert devices.optimizer_state_copies(opt) == copies == state
+
+
+def test_activation_elements_count_every_leaf_output() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 8 * 8, 5))
+    assert devices.activation_elements(model, in_channels=3, image_size=8) == 4 * 64 + 4 * 64 + 4 * 64 + 5
+
+
+def test_estimate_grows_with_batch_and_model_and_works_on_meta() -> None:
+    cfg = {"model": {"family": "vgg", "blocks": [{"channels": [32]}, {"channels": [64]}], "head": [64]},
+           "optimizer": {"name": "adam"}, "train": {"batch_size": 128}}
+    kw = {"num_classes": 10, "in_channels": 3, "image_size": 32, "data_images": 50_000}
+    base = devices.estimate_config_memory_mb(cfg, **kw)
+    bigger_batch = devices.estimate_config_memory_mb({**cfg, "train": {"batch_size": 512}}, **kw)
+    assert bigger_batch["activations_mb"] == pytest.approx(4 * base["activations_mb"])
+    assert base["data_mb"] == pytest.approx(50_000 * 3 * 32 * 32 / 2**20)
+    with torch.device("meta"):
+        model = build_model(cfg["model"], num_classes=10)
+    params = sum(p.numel() for p in model.parameters())
+    assert base["weights_mb"] == pytest.approx(params * 4 * 4 / 2**20)  # weights, grads, Adam's two moments
+    assert base["total_mb"] == pytest.approx(sum(v for k, v in base.items() if k != "total_mb"))
+
+
+def test_preview_warns_when_packing_does_not_fit(capsys: pytest.CaptureFixture[str]) -> None:
+    from cifar_tune.cli import main
+
+    args = ["preview", "search_spaces/seed000_cifar100_asha.yaml", "-n", "3"]
+    assert main([*args, "--gpu-memory-gb", "80"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("GPU memory ~") == 3 and "OVER" not in out
+    assert main([*args, "--gpu-memory-gb", "4"]) == 0  # 1/16 of 4 GiB = 256 MiB per trial: too small
+    out = capsys.readouterr().out
+    assert "OVER its share 256 MiB" in out and "warning: 3 sampled configs need more than their 0.0625 share" in out
+
+
+# ------------------------------------------------------------------------ Ray's real assignment
+
+
+@pytest.fixture(scope="module")
+def ray_with_a_gpu() -> Any:
+    """A local Ray instance told it has one GPU (Ray schedules GPUs as a resource; no hardware needed)."""
+    import logging
+
+    import ray
+
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize(("gpus", "expected", "share"), [(0.25, "cuda:0", 0.25), (1, "cuda:0", None), (0, "cpu", None)])
+def test_placement_from_what_ray_really_assigns(ray_with_a_gpu: Any, gpus: float, expected: str,
+                                                share: float | None) -> None:
+    from cifar_tune import tuner
+
+    task = ray_with_a_gpu.remote(num_cpus=1, num_gpus=gpus)(tuner.ray_assignment)
+    gpu_ids, visible, amount = ray_with_a_gpu.get(task.remote())
+    if gpus == 0:
+        assert gpu_ids == [] and amount == 0  # and Ray did not hide the GPU: only our placement keeps it off
+    else:
+        assert len(gpu_ids) == 1 and visible == str(gpu_ids[0]) and amount == gpus
+    assert devices.placement(gpu_ids, visible, amount, cuda_available=True) == (torch.device(expected), share)
