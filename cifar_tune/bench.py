@@ -372,6 +372,9 @@ def measure_throughput(opts: BenchOptions, out: Callable[[str], None] = print) -
         overhead_s = cc["first_epoch_s"] - steady_s
         compiled = {**cc, "eager_images_per_s": rows["b"].images_per_s, "compile_overhead_s": overhead_s,
                     "break_even_epochs": overhead_s / gain_s if gain_s > 0 else None}
+        # in images, so it transfers to other epoch sizes (a CIFAR trial's epoch is 40,000 images)
+        compiled["break_even_images"] = (compiled["break_even_epochs"] * opts.epoch_images
+                                         if compiled["break_even_epochs"] is not None else None)
         out(f"torch.compile: first epoch {cc['first_epoch_s']:.1f} s, then {cc['steady_images_per_s']:,.0f} img/s "
             f"(eager {rows['b'].images_per_s:,.0f}); pays off after "
             + (f"{compiled['break_even_epochs']:.1f} epochs" if compiled["break_even_epochs"] else "never"))
@@ -682,7 +685,8 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
     if "compile" in report:
         c = report["compile"]
         lines += ["", "| torch.compile (fit, default mode) | value |", "|---|---:|"]
-        for key in ("eager_images_per_s", "steady_images_per_s", "first_epoch_s", "compile_overhead_s", "break_even_epochs"):
+        for key in ("eager_images_per_s", "steady_images_per_s", "first_epoch_s", "compile_overhead_s", "break_even_epochs",
+                    "break_even_images"):
             lines.append(f"| {key} | {_fmt(c.get(key))} |")
     lines += ["", "| target | value | wanted | met |", "|---|---:|---|---|"]
     lines += [f"| {t['metric']} | {_fmt(t['value'])} | {t['target']} | {'yes' if t['met'] else 'NO'} |"
