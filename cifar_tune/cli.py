@@ -59,8 +59,11 @@ def cmd_preview(args: argparse.Namespace) -> int:
     print(f"\n{sched.name} budget for {b.trials} trials, up to {sched.max_epochs} epochs each:")
     if sched.name in ("asha", "hyperband"):
         print(f"  grace period {sched.grace_period}, reduction factor {sched.reduction_factor:g} (keeps the top 1/{sched.reduction_factor:g} per rung)")
-        for r in b.rungs:
-            print(f"  rung at epoch {r.epoch:>4}: ~{r.trials} trials")
+        for i, (rungs, share) in enumerate(zip(b.brackets, b.bracket_share, strict=True)):
+            if len(b.brackets) > 1:
+                print(f"  bracket {i} (~{share:.0%} of the trials):")
+            for r in rungs:
+                print(f"  rung at epoch {r.epoch:>4}: ~{r.trials} trials")
     print(
         f"  total epochs: ~{b.epochs_with_stopping:,} with early stopping vs {b.epochs_without_stopping:,} without "
         f"({b.saving:.0%} saved)"

@@ -98,3 +98,36 @@ def test_asha_budget_arithmetic() -> None:
     assert b.epochs_without_stopping == 1800
     fifo = search_budget(10, SchedulerSpec(name="fifo", max_epochs=5))
     assert fifo.epochs_with_stopping == fifo.epochs_without_stopping == 50
+
+
+@pytest.mark.parametrize("rf", [1.5, 2, 2.5, 3, 4])
+@pytest.mark.parametrize("brackets", [1, 2, 3])
+@pytest.mark.parametrize("grace,max_epochs", [(1, 10), (1, 16), (2, 27), (3, 100)])
+def test_asha_rungs_equal_rays_own_brackets(rf: float, brackets: int, grace: int, max_epochs: int) -> None:
+    """preview's rungs: the epochs at which Ray's AsyncHyperBandScheduler itself records a trial that is
+    never stopped, bracket by bracket (its own _Bracket.on_result, no Ray instance started)."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import AsyncHyperBandScheduler
+
+    sched = SchedulerSpec(name="asha", max_epochs=max_epochs, grace_period=grace, reduction_factor=rf, brackets=brackets)
+    ray_sched = AsyncHyperBandScheduler(time_attr="epoch", max_t=max_epochs, grace_period=grace,
+                                        reduction_factor=rf, brackets=brackets)
+    assert len(ray_sched._brackets) == brackets
+    budget = search_budget(100, sched)
+    for s, bracket in enumerate(ray_sched._brackets):
+        trial = SimpleNamespace(trial_id=f"t{s}")
+        seen, ray_epochs = 0, []
+        for epoch in range(1, max_epochs + 1):
+            bracket.on_result(trial, epoch, 1.0)
+            now = sum(trial.trial_id in recorded for _, recorded in bracket._rungs)
+            if now > seen:
+                ray_epochs.append(epoch)
+            seen = now
+        assert rung_epochs(sched, s) == [e for e in ray_epochs if e < max_epochs], (s, [m for m, _ in bracket._rungs])
+        assert [r.epoch for r in budget.brackets[s]] == [*rung_epochs(sched, s), max_epochs]
+    sizes = [len(b._rungs) for b in ray_sched._brackets]
+    import numpy as np
+
+    probs = np.e ** (np.array(sizes) - max(sizes))
+    assert budget.bracket_share == pytest.approx(tuple(probs / probs.sum()))
