@@ -42,6 +42,9 @@ __all__ = [
 ]
 
 MODELS = Registry("model family")
+# Keys of a model config that are not hyperparameters of the family: how to start training it
+# (weights to load, parts to freeze, per-part lr multipliers). See cifar_tune.transfer.
+TRANSFER_KEYS = ("init", "freeze", "lr_mult")
 
 Activation = Literal["relu", "leaky_relu", "elu", "gelu", "silu", "tanh"]
 Pool = Literal["max", "avg", "none"]
@@ -695,7 +698,7 @@ def build_model(
         allowed = MODELS.hyperparameters(family)
     except UnknownNameError as e:
         raise ValueError(f"family: {e}") from None
-    hparams = {k: v for k, v in cfg.items() if k != "family"}
+    hparams = {k: v for k, v in cfg.items() if k != "family" and k not in TRANSFER_KEYS}
     for key in hparams:
         if key not in allowed:
             raise ValueError(

@@ -163,6 +163,7 @@ def retrain_one(
     from cifar_tune import devices
     from cifar_tune.models import build_model, model_info
     from cifar_tune.train import evaluate, fit
+    from cifar_tune.transfer import apply as apply_transfer
 
     torch.set_num_threads(max(1, threads))  # as many threads as the task reserved CPUs
     t0 = time.perf_counter()
@@ -176,6 +177,7 @@ def retrain_one(
         trainval = data_mod.load_trainval(data, device)
         torch.manual_seed(seed)
         model = build_model(config["model"], num_classes=info.num_classes, in_channels=info.channels, image_size=info.image_size)
+        model = apply_transfer(model, config["model"], log=lambda line: print(f"{trial_id} seed {seed_index} {line}", flush=True))
         out["params"] = model_info(model, in_channels=info.channels, image_size=info.image_size)["params"]
 
         def on_epoch(m: dict[str, Any]) -> None:

@@ -497,11 +497,16 @@ def check_space(space: dict[str, Any], info: Any, algorithm: str, seed: int, err
         errors.add("space", "missing 'model' (a mapping with 'family', or a choice of them)")
     dummy = [torch.nn.Parameter(torch.zeros(2))]
     if "model" in space and info is not None:
+        from cifar_tune.transfer import TRANSFER_HINTS, check_config
+
+        def check_model(c: dict[str, Any]) -> None:
+            shape = {"num_classes": info.num_classes, "in_channels": info.channels, "image_size": info.image_size}
+            check_architecture(c, **shape)
+            check_config(c, **shape)  # init file exists, loads, fits; freeze/lr_mult parts exist
+
         _check_registry_section(
-            space["model"], "space.model", key="family", registry=MODELS, extra_keys={}, errors=errors, seed=seed,
-            build=lambda c: check_architecture(
-                c, num_classes=info.num_classes, in_channels=info.channels, image_size=info.image_size
-            ),
+            space["model"], "space.model", key="family", registry=MODELS, extra_keys=TRANSFER_HINTS, errors=errors,
+            seed=seed, build=check_model,
         )
     if "optimizer" in space:
         _check_registry_section(
@@ -570,6 +575,10 @@ def parse_spec(raw: Any, source: str = "<spec>", *, check_budget: bool = True) -
     if not isinstance(space_raw, Mapping):
         errors.add("space", f"must be a mapping with keys {', '.join(SPACE_KEYS)}, got {space_raw!r}")
         space_raw = {}
+    if "model" in space_raw:  # trials run in other working directories: weight files become absolute
+        from cifar_tune.transfer import absolute_checkpoints
+
+        space_raw = {**space_raw, "model": absolute_checkpoints(space_raw["model"])}  # like data.root: vs cwd
     space = {k: parse_tree(v, f"space.{k}", errors) for k, v in space_raw.items()}
     if not errors:
         check_space(space, info, search.algorithm, search.seed, errors)

@@ -22,6 +22,7 @@ from cifar_tune.augment import build_augment, normalize
 from cifar_tune.data import Split
 from cifar_tune.devices import peak_memory_mb
 from cifar_tune.optim import build_optimizer, build_schedule
+from cifar_tune.transfer import param_groups, scale_lrs
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,10 @@ def fit(
     model = prepare_model(model, device, opts)
     channels_last = opts.channels_last if opts.channels_last is not None else device.type == "cuda"
     step_model = torch.compile(model) if opts.compile else model
-    optimizer = build_optimizer(model.parameters(), config.get("optimizer", {"name": "sgd", "lr": 0.05}))
+    # frozen parts left out, per-part lr multipliers as param groups (cifar_tune.transfer)
+    optimizer = build_optimizer(param_groups(model, config.get("model", {})),
+                                config.get("optimizer", {"name": "sgd", "lr": 0.05}))
+    scale_lrs(optimizer)
     steps_per_epoch = max(1, len(train) // opts.batch_size)
     schedule = build_schedule(optimizer, config.get("schedule", {"name": "none"}), epochs=epochs, steps_per_epoch=steps_per_epoch)
     augment = build_augment(config.get("augment", {}), mean=mean, std=std, num_classes=num_classes)

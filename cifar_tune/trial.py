@@ -21,6 +21,7 @@ from cifar_tune import devices
 from cifar_tune.models import build_model
 from cifar_tune.spec import DataSpec
 from cifar_tune.train import FitResult, fit
+from cifar_tune.transfer import apply as apply_transfer
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ def run_trial(
     seed = trial_seed(setup.seed, trial_id)
     torch.manual_seed(seed)
     model = build_model(config["model"], num_classes=info.num_classes, in_channels=info.channels, image_size=info.image_size)
+    model = apply_transfer(model, config["model"], log=lambda line: print(f"{trial_id} {line}", flush=True))
     # a plain count: model_info would also run a hooked forward pass just to count MACs
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # data, model and seeds ready: what a trial costs before its first step (``cifar-tune bench`` reads it)
