@@ -29,14 +29,13 @@ from typing import ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
-from cifar_tune.augment import AUGMENTS, _integer
+from cifar_tune.augment import AUGMENTS, _integer, gray
 
 OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
        "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize", "Invert")
 CODE = {name: i for i, name in enumerate(OPS)}
 GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 BLEND = ("Brightness", "Color", "Contrast", "Sharpness")
-GRAY_WEIGHTS_TV = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights (not 0.299)
 
 # name -> (magnitudes(num_bins, height, width) or None, signed): torchvision's augmentation spaces.
 Magnitudes = Callable[[int, int, int], "torch.Tensor | None"]
@@ -188,15 +187,15 @@ def _geometric(x: torch.Tensor, code: torch.Tensor, mag: torch.Tensor) -> torch.
 
 
 def _gray(xf: torch.Tensor) -> torch.Tensor:
-    """floor of torchvision's grayscale (0.2989, 0.587, 0.114), [B, 1, H, W]; the image itself if 1-channel."""
-    if xf.shape[1] == 1:
-        return xf
-    r, g, b = xf.unbind(1)
-    return r.mul(GRAY_WEIGHTS_TV[0]).add_(g, alpha=GRAY_WEIGHTS_TV[1]).add_(b, alpha=GRAY_WEIGHTS_TV[2]).floor_()[:, None]
+    """floor of torchvision's grayscale (``augment.gray``, shared with color_jitter), as its uint8 kernels
+    take it, [B, 1, H, W]; the image itself if 1-channel."""
+    return xf if xf.shape[1] == 1 else gray(xf).floor_()
 
 
 def _blend(x: torch.Tensor, code: torch.Tensor, mag: torch.Tensor, present: frozenset[str]) -> torch.Tensor:
-    """Brightness / Color / Contrast / Sharpness as torchvision computes them on uint8 (float32, truncation)."""
+    """Brightness / Color / Contrast / Sharpness as torchvision computes them on uint8: float32 blends with
+    the floored gray and truncation back to uint8 (color_jitter's ``apply_jitter`` is the float-image
+    version of the same blends, without the flooring and truncation, so only ``gray`` is shared)."""
     b, c, h, w = x.shape
     view = (b, 1, 1, 1)
     is_op = {name: (code == CODE[name]).view(view) for name in BLEND if name in present}
