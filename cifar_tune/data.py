@@ -579,8 +579,14 @@ def _channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]
 
 
 def _computed_info(data: DataSpec) -> DatasetInfo:
+    """Normalisation from the search's training split only: the validation images must not leak into
+    what the model sees (a split that cannot be made is reported by check_split; then all images)."""
     arrays = _raw(data, train=True)
-    mean, std = _channel_stats(arrays.x)
+    try:
+        train_idx, _ = _split_indices(data, arrays.y)
+    except DataError:
+        train_idx = np.arange(len(arrays.y))
+    mean, std = _channel_stats(arrays.x[train_idx])
     _, c, h, _ = arrays.x.shape
     return DatasetInfo(data.dataset, len(arrays.classes), c, h, arrays.classes, mean, std)
 

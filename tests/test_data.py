@@ -272,14 +272,37 @@ def test_npz_happy_path(tmp_path: Path, layout: str) -> None:
     data.prepare(spec)
     info = data.dataset_info(spec)
     assert (info.num_classes, info.channels, info.image_size, info.classes) == (4, 3, 8, ("a", "b", "c", "d"))
-    expected_mean = tuple(np.round(_images(40).reshape(-1, 3).mean(0) / 255, 4))
-    assert np.allclose(info.mean, expected_mean, atol=1e-4)
     train, val = data.load_splits(spec)
     assert (len(train), len(val)) == (30, 10)
+    expected_mean = tuple(np.round(train.x.permute(1, 0, 2, 3).reshape(3, -1).double().mean(1).numpy() / 255, 4))
+    assert np.allclose(info.mean, expected_mean, atol=1e-4)  # the training split's, not all 40 images'
+
     trainval = data.load_trainval(spec)
     assert torch.equal(trainval.x.permute(0, 2, 3, 1), torch.from_numpy(_images(40)))
     test = data.load_test(spec)
     assert test.x.shape == (8, 3, 8, 8) and test.y.tolist() == (np.arange(8) % 4).tolist()
+
+
+@pytest.mark.parametrize("dataset", ["npz", "synthetic"])
+def test_normalisation_statistics_come_from_the_training_split_only(tmp_path: Path, dataset: str) -> None:
+    """Validation images never leak into the mean/std the model is normalised with."""
+    if dataset == "npz":
+        y = np.arange(40) % 4
+        x = np.zeros((40, 8, 8, 3), np.uint8)
+        spec = _write_npz(tmp_path / "s.npz", x_train=x, y_train=y)
+        _, val_idx = data._split_indices(spec, y)
+        x[val_idx] = 255  # the validation images are white, the training images black
+        spec = _write_npz(tmp_path / "s.npz", x_train=x, y_train=y)
+        data.clear_cache()
+    else:
+        spec = DataSpec(dataset="synthetic", synthetic=SMALL_SYNTH, val_fraction=0.5)
+    info = data.dataset_info(spec)
+    train, val = data.load_splits(spec)
+    per_channel = lambda s: s.x.permute(1, 0, 2, 3).reshape(s.x.shape[1], -1).double() / 255  # noqa: E731
+    assert np.allclose(info.mean, per_channel(train).mean(1).numpy(), atol=1e-4)
+    assert np.allclose(info.std, np.maximum(per_channel(train).std(1, unbiased=False).numpy(), 1e-3), atol=1e-4)
+    if dataset == "npz":
+        assert info.mean == (0.0, 0.0, 0.0)  # all-image statistics would be 0.25
 
 
 def test_npz_grayscale_default_class_names(tmp_path: Path) -> None:
