@@ -100,6 +100,20 @@ def _no_host_sync(device: torch.device, strict: bool) -> Iterator[None]:
         torch.cuda.set_sync_debug_mode(previous)
 
 
+def correct_count(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """How much of a batch the model got right, as a float tensor (no host sync).
+
+    Hard labels [B]: the number of images whose argmax is the label. Soft targets [B, K] (mixup/cutmix):
+    the target mass on each predicted class, summed: an image mixed with weight lam counts lam if the
+    prediction is its own label, 1 - lam if it is the partner's, 0 otherwise (one-hot targets: plain
+    accuracy). So ``train_acc`` under mixup/cutmix is the accuracy against the mixed targets.
+    """
+    pred = logits.argmax(1)
+    if targets.dim() == 2:
+        return targets.gather(1, pred[:, None]).sum()
+    return (pred == targets).sum().float()
+
+
 def _batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
     """Shuffled index batches; the last partial batch is dropped (BatchNorm needs > 1 image)."""
     perm = torch.randperm(n, generator=generator, device=generator.device).to(device, non_blocking=True)
@@ -151,7 +165,7 @@ def fit(
         model.train()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
+        correct = torch.zeros((), device=device)
         seen = 0
         with _no_host_sync(device, strict_sync):
             for idx in _batches(len(train), opts.batch_size, gen, device):
@@ -169,7 +183,7 @@ def fit(
                 optimizer.step()
                 schedule.step_batch()
                 loss_sum += loss.detach() * idx.numel()
-                correct += (logits.detach().argmax(1) == yb).sum()
+                correct += correct_count(logits.detach(), targets)
                 seen += idx.numel()
         train_loss = loss_sum.item() / seen  # the one host sync of the epoch
         train_time_s = time.perf_counter() - t0

@@ -142,3 +142,17 @@ def test_ray_lives_in_one_module() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_train_acc_counts_mixed_targets() -> None:
+    """Hard labels: plain accuracy. Mixup/cutmix soft targets: the target mass on the predicted class."""
+    from cifar_tune.train import correct_count
+
+    logits = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0]])  # predicts 0, 1, 2
+    assert correct_count(logits, torch.tensor([0, 1, 0])).item() == 2
+    eye = torch.eye(3)
+    lam = torch.tensor([0.7, 0.4, 1.0])[:, None]
+    own, partner = eye[[0, 2, 1]], eye[[1, 1, 2]]  # image 0: own 0 (predicted), image 1: partner 1 (predicted)
+    soft = lam * own + (1 - lam) * partner
+    assert correct_count(logits, soft).item() == pytest.approx(0.7 + 0.6 + 0.0)
+    assert correct_count(logits, eye[[0, 1, 0]]).item() == 2  # one-hot soft targets: plain accuracy
