@@ -115,14 +115,28 @@ class OptunaSource:
         return tid, config
 
     def trial_finished(self, trial_id: str, result: dict[str, Any] | None, error: bool) -> None:
+        """Tell Optuna at a comparable fidelity: every epoch's metric is reported as an intermediate value
+        (step = epoch); a trial that ran all epochs is COMPLETE with its best value over the run (what the
+        leaderboard ranks on); one the scheduler stopped early is PRUNED (TPE ranks pruned trials by how
+        far they got, then by their last value), never a COMPLETE whose 1-epoch score competes with full
+        runs; errors, OOM and divergence are FAIL."""
         ot = self.asked.pop(trial_id, None)
         if ot is None:
             return
-        value = (result or {}).get(self.spec.search.metric)
-        if error or value is None or not math.isfinite(value):
-            self.study.tell(ot, state=self.optuna.trial.TrialState.FAIL)
+        states = self.optuna.trial.TrialState
+        metric = self.spec.search.metric
+        values = [(int(r["epoch"]), r.get(metric)) for r in self.log.trial_epochs(trial_id)]
+        values = [(e, float(v)) for e, v in values if v is not None and math.isfinite(v)]
+        for epoch, v in values:
+            ot.report(v, step=epoch)
+        status = (result or {}).get("status")
+        if error or status in ("diverged", "oom") or not values:
+            self.study.tell(ot, state=states.FAIL)
+        elif len(self.log.trial_epochs(trial_id)) >= self.spec.search.scheduler.max_epochs:
+            pick = max if self.spec.search.resolved_mode == "max" else min
+            self.study.tell(ot, pick(v for _, v in values))
         else:
-            self.study.tell(ot, value)
+            self.study.tell(ot, state=states.PRUNED)
 
 
 def suggest_tree(tree: Any, trial: Any, path: str) -> Any:

@@ -218,3 +218,37 @@ def test_concurrent_slots_count_like_ray(cpus: float, gpus: float, cpu: float, g
     from cifar_tune.search import concurrent_slots
 
     assert concurrent_slots(cpus, gpus, {"cpu": cpu, "gpu": gpu}) == expected
+
+
+def test_optuna_is_told_metrics_at_a_comparable_fidelity(tmp_path: Path) -> None:
+    """No Ray: a trial ASHA stopped after 1 epoch is PRUNED with its per-epoch values, not COMPLETE with a
+    1-epoch score next to full runs; a full run is COMPLETE with its best value; a diverged one FAIL."""
+    import optuna
+
+    from cifar_tune.results import Experiment, TrialLog
+    from cifar_tune.search import OptunaSource
+
+    raw = json.loads(json.dumps(SPEC))
+    raw["search"].update(algorithm="optuna", num_samples=3)
+    raw["space"]["optimizer"] = {"name": "sgd", "lr": {"loguniform": [0.01, 0.1]}}
+    spec = parse_spec(raw)
+    log = TrialLog(Experiment(str(tmp_path), "opt"), metric="val_acc", mode="max", max_epochs=4, flush_every_s=1e9)
+    source = OptunaSource(spec, log, [], 0, 3)
+    runs = {"stopped": [0.9], "full": [0.3, 0.5, 0.45, 0.4], "diverged": [0.2]}
+    ids = {}
+    for kind, accs in runs.items():
+        tid, _ = source.next_trial()
+        ids[kind] = tid
+        log.trial_started(tid, {})
+        for e, acc in enumerate(accs, 1):
+            log.trial_result(tid, {"epoch": e, "val_acc": acc})
+        last = {"status": "diverged"} if kind == "diverged" else {"val_acc": accs[-1]}
+        log.trial_finished(tid, last)
+        source.trial_finished(tid, last, error=False)
+    trials = {t.number: t for t in source.study.trials}
+    stopped, full, diverged = (trials[int(ids[k][1:])] for k in ("stopped", "full", "diverged"))
+    assert stopped.state == optuna.trial.TrialState.PRUNED and stopped.intermediate_values == {1: 0.9}
+    assert full.state == optuna.trial.TrialState.COMPLETE and full.value == 0.5
+    assert full.intermediate_values == {1: 0.3, 2: 0.5, 3: 0.45, 4: 0.4}
+    assert diverged.state == optuna.trial.TrialState.FAIL
+    assert source.study.best_trial.number == full.number  # the 1-epoch 0.9 does not win
