@@ -17,6 +17,7 @@ import pandas as pd
 from matplotlib.ticker import NullFormatter
 
 from cifar_tune.errors import UserError
+from cifar_tune.features import TSNE_TABLE
 from cifar_tune.results import Experiment
 from cifar_tune.retrain import StoredSpec, load_stored_spec, rank_trials, ranking_rule, summarize_config
 
@@ -243,6 +244,23 @@ def plot_confusion(exp: Experiment, cm: np.ndarray, names: list[str], title: str
 # ----------------------------------------------------------------------------------------- report
 
 
+def plot_feature_map(exp: Experiment, points: pd.DataFrame) -> str:
+    """Scatter of retrain's t-SNE points (``tsne.parquet``), one colour per class, with a legend of names."""
+    plt = _pyplot()
+    classes = points.drop_duplicates("label").sort_values("label")
+    fig, ax = plt.subplots(figsize=(7.5, 6))
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    for i, (label, name) in enumerate(zip(classes["label"], classes["class"], strict=True)):
+        sel = points["label"] == label
+        ax.scatter(points.loc[sel, "x"], points.loc[sel, "y"], s=8, alpha=0.7, color=cmap(i % cmap.N), label=str(name))
+    if len(classes) <= 20:  # a legend of 100 CIFAR-100 names would cover the plot
+        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, markerscale=2, frameon=False)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(f"{points['trial_id'].iloc[0]}: t-SNE of penultimate features, {len(points)} test images")
+    return _save(exp, fig, "report_tsne.png")
+
+
 def _stack(values: pd.Series) -> np.ndarray:
     return np.stack([np.asarray(json.loads(v) if isinstance(v, str) else [np.asarray(r) for r in v], dtype=float) for v in values])
 
@@ -348,4 +366,11 @@ def _retrain_section(exp: Experiment, stored: StoredSpec, out: Printer) -> list[
         f"![confusion matrix]({plot_confusion(exp, confusion, names, f'{trial_id}: test confusion (summed over seeds)')})",
         "",
     ]
+    if exp.has(TSNE_TABLE):
+        points = exp.read_table(TSNE_TABLE)
+        md += ["### Feature map (t-SNE)", "",
+               f"2-D t-SNE of the penultimate-layer features (input of the last Linear) of {points['trial_id'].iloc[0]}, "
+               f"retrained, on a stratified sample of {len(points)} test images; colour: true class. Written by retrain "
+               "(which reads the test split); nearby points are images the model represents alike.", "",
+               f"![t-SNE feature map]({plot_feature_map(exp, points)})", ""]
     return md

@@ -464,10 +464,16 @@ def _refit(
         ]
         out(f"retraining {len(trials)} configs x {seeds} seeds = {len(calls)} runs of {epochs} epochs on train+val "
             f"({res['cpu']:g} CPU" + (f", {res['gpu']:g} GPU" if res["gpu"] else "") + f" each, {cluster.cpus:g} CPUs in the cluster)")
-        rows = _collect(exp, stored, trials, calls, res, epochs=epochs, rank_by=rank_by, out=out)
+        top: list[tuple[dict[str, Any], dict[str, Any]]] = []  # the rank-1 config's first completed run
+        rows = _collect(exp, stored, trials, calls, res, epochs=epochs, rank_by=rank_by, out=out, top=top)
     finally:
         if cluster.started_here:
             tuner.shutdown()
+    if top:  # t-SNE of the top model's penultimate features on the test split read above (cifar_tune.features)
+        from cifar_tune.features import write_feature_map
+
+        (result, config), = top
+        write_feature_map(exp, result["state_dict"], config, result["info"], test, trial_id=result["trial_id"], out=out)
     df = retrain_frame(rows, stored.search.metric)
     exp.write_text("leaderboard.md", leaderboard_markdown(df, experiment=exp.name, metric=stored.search.metric, rule=rule, epochs=epochs))
     out(f"results: {exp.uri('retrain.parquet')}  leaderboard: {exp.uri('leaderboard.md')}  checkpoints: {exp.uri('checkpoints')}")
@@ -477,8 +483,10 @@ def _refit(
 def _collect(
     exp: Experiment, stored: StoredSpec, trials: list[dict[str, Any]], calls: list[dict[str, Any]],
     res: dict[str, float], *, epochs: int, rank_by: str, out: Printer,
+    top: list[tuple[dict[str, Any], dict[str, Any]]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Checkpoint and record each run as it finishes; the table is rewritten after every run."""
+    """Checkpoint and record each run as it finishes; the table is rewritten after every run. ``top``
+    receives (result, config) of the rank-1 config's lowest completed seed (for the feature map)."""
     from cifar_tune import tuner
 
     by_id = {t["trial_id"]: t for t in trials}
@@ -490,6 +498,9 @@ def _collect(
         if result["status"] == "completed":
             ckpt = checkpoint_name(result["trial_id"], result["seed"])
             exp.write_bytes(ckpt, _checkpoint_bytes(make_checkpoint(result, config=calls[i]["config"], data=stored.data, epochs=epochs)))
+            if top is not None and result["trial_id"] == trials[0]["trial_id"] and (
+                    not top or result["seed"] < top[0][0]["seed"]):
+                top[:] = [(result, calls[i]["config"])]
         rows.append(_row(result, trial, epochs=epochs, metric=stored.search.metric, rank_by=rank_by, checkpoint=ckpt))
         write_retrain_table(exp, retrain_frame(rows, stored.search.metric))
         detail = (f"test_acc {result['test_acc']:.4f}  top5 {result['test_top5']:.4f}  loss {result['test_loss']:.4f}"

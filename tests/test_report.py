@@ -91,6 +91,20 @@ def test_report_with_retrain(tmp_path: Path) -> None:
     for png in SEARCH_PLOTS + RETRAIN_PLOTS:
         assert (tmp_path / "hand" / png).read_bytes()[:8] == PNG, png
     assert (tmp_path / "hand" / "report.md").read_text() == text
+    assert "Feature map (t-SNE)" not in text  # retrain wrote no tsne.parquet
+
+
+def test_report_shows_retrains_feature_map(tmp_path: Path) -> None:
+    exp = make_experiment(tmp_path)
+    add_retrain(exp)
+    rng = np.random.default_rng(0)
+    exp.write_table("tsne.parquet", pd.DataFrame({"x": rng.normal(size=40), "y": rng.normal(size=40),
+                                                  "label": np.arange(40) % 4, "class": [f"class_{k % 4}" for k in range(40)],
+                                                  "trial_id": "t0003"}))
+    text = build_report(exp, out=lambda s: None)
+    assert "### Feature map (t-SNE)" in text and "of t0003, retrained, on a stratified sample of 40 test images" in text
+    assert "![t-SNE feature map](report_tsne.png)" in text
+    assert (tmp_path / "hand" / "report_tsne.png").read_bytes()[:8] == PNG
 
 
 def test_retrain_parquet_keeps_nested_lists(tmp_path: Path) -> None:
