@@ -185,6 +185,11 @@ def test_leaderboard_and_checkpoints(retrained: dict[str, Any]) -> None:
         assert set(ckpt) >= {"state_dict", "config", "num_classes", "in_channels", "image_size", "mean", "std", "classes", "data"}
         assert ckpt["num_classes"] == 4 and ckpt["data"]["dataset"] == "synthetic"
         assert path.name == f"{ckpt['trial_id']}_seed{ckpt['seed']}.pt"
+    # the feature map of the rank-1 config's seed 0, on the test split retrain read (cifar_tune.features)
+    points = pd.read_parquet(retrained["dir"] / "tsne.parquet")
+    top = retrained["df"].sort_values(["rank", "seed"]).iloc[0]
+    assert set(points["trial_id"]) == {top["trial_id"]} and len(points) == top["num_test_images"]
+    assert np.isfinite(points[["x", "y"]].to_numpy()).all() and points["label"].nunique() == 4
 
 
 @pytest.mark.ray
