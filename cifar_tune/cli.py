@@ -204,8 +204,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device = parse_device(args.device)
     except ValueError as e:
         raise UserError(str(e)) from None
-    run_evaluate(args.checkpoint, args.data, args.split, device=device)
+    for checkpoint in _checkpoints(args.checkpoint, args.storage):
+        run_evaluate(checkpoint, args.data, args.split, device=device)
     return EXIT_OK
+
+
+def _checkpoints(target: str, storage: str) -> list[str]:
+    """A checkpoint file, or every retrain checkpoint of an experiment (its directory, or its name under
+    ``storage``)."""
+    from pathlib import Path
+
+    from cifar_tune.results import find_experiment
+
+    if Path(target).is_file() or target.endswith(".pt"):
+        return [target]
+    exp = find_experiment(storage, target)
+    found = sorted(str(p) for p in exp.local_dir().glob("checkpoints/*.pt"))
+    if not found:
+        raise UserError(f"{exp.uri()}: no checkpoints/*.pt (run `cifar-tune retrain {target}` first)")
+    return found
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -286,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("retrain", help="refit the top-K searched configs on train+val and evaluate them on the test split")
-    p.add_argument("experiment", nargs="?", default=None, help="experiment name (default: the most recent under --storage)")
+    p.add_argument("experiment", nargs="?", default=None,
+                   help="experiment directory (as search prints it) or name under --storage (default: the most recent under --storage)")
     p.add_argument("--top", type=int, default=None, help="configs to retrain (default: the spec's retrain.top)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per refit (default: retrain.epochs)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per config (default: retrain.seeds)")
@@ -298,12 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser("report", help="write report.md and PNG plots into the experiment directory")
-    p.add_argument("experiment", nargs="?", default=None, help="experiment name (default: the most recent under --storage)")
+    p.add_argument("experiment", nargs="?", default=None,
+                   help="experiment directory (as search prints it) or name under --storage (default: the most recent under --storage)")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root (default: experiments)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("evaluate", help="evaluate a retrain checkpoint: top-1, top-5 and loss")
-    p.add_argument("checkpoint", help="a checkpoints/<trial>_seed<s>.pt file written by retrain")
+    p.add_argument("checkpoint", help="a checkpoints/<trial>_seed<s>.pt file written by retrain, or an experiment "
+                   "(its directory, or its name under --storage): all its checkpoints")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root for an experiment name (default: experiments)")
     p.add_argument("--data", nargs="+", default=None, metavar="DATASET_OR_NPZ",
                    help="evaluate on these instead of the checkpoint's own data (a dataset name or an .npz file)")
     p.add_argument("--split", choices=("test", "trainval"), default="test", help="default: test")

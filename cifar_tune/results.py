@@ -182,8 +182,36 @@ class Experiment:
         return Path(self.uri())
 
 
+def experiment_at(path: str) -> Experiment:
+    """The experiment in directory ``path`` (what ``search`` prints: ``/data/runs/quickstart``, a
+    relative path, or a URI such as ``s3://bucket/runs/quickstart``)."""
+    if "://" in path and not path.startswith("file://"):
+        root, _, name = path.rstrip("/").rpartition("/")
+    else:
+        where = Path(path.removeprefix("file://")).expanduser().resolve()
+        root, name = str(where.parent), where.name
+    try:
+        exp = Experiment(root, name)
+    except UserError:
+        raise UserError(f"{path}: not an experiment directory (no spec.yaml)") from None
+    if not exp.exists():
+        raise UserError(f"{path}: not an experiment directory (no spec.yaml)")
+    return exp
+
+
+def _is_path(name: str, storage_root: str) -> bool:
+    """An argument with a slash (names cannot have one), or a directory here that is not a name in the
+    storage root, is the experiment's directory."""
+    if "/" in name or os.sep in name or name in (".", ".."):
+        return True
+    return not Storage(storage_root).exists(f"{name}/spec.yaml") and Path(name, "spec.yaml").is_file()
+
+
 def find_experiment(storage_root: str, name: str | None) -> Experiment:
-    """``name`` or, if None, the most recently modified experiment under the storage root."""
+    """``name`` under the storage root, the experiment directory ``name`` (a path), or, if None, the most
+    recently modified experiment under the storage root."""
+    if name is not None and _is_path(name, storage_root):
+        return experiment_at(name)
     if name is None:
         storage = Storage(storage_root)
         dirs = [(n, t) for n, t in storage.list_dirs() if storage.exists(f"{n}/spec.yaml")]

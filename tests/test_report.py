@@ -119,6 +119,10 @@ def test_report_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     make_experiment(tmp_path)
     assert main(["report", "--storage", str(tmp_path)]) == 0  # the most recent experiment
     assert "report.md" in capsys.readouterr().out
+    exp_dir = tmp_path / "hand"
+    (exp_dir / "report.md").unlink()
+    assert main(["report", str(exp_dir)]) == 0  # the directory search prints, no --storage
+    assert (exp_dir / "report.md").is_file()
     assert main(["report", "missing", "--storage", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing" in err[0]

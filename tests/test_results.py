@@ -195,3 +195,18 @@ def test_spec_yaml_records_every_resume(tmp_path: Path) -> None:
     assert [r["num_samples"] for r in doc["resumes"]] == [6, 9]
     for r in doc["resumes"]:
         assert {"created", "code_revision", "torch", "ray", "cifar_tune", "host"} <= set(r)
+
+
+def test_find_experiment_accepts_the_directory_search_prints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = tmp_path / "data" / "runs"
+    Experiment(str(runs), "quickstart").write_text("spec.yaml", "spec: {}\n")
+    for arg in (str(runs / "quickstart"), str(runs / "quickstart") + "/", f"file://{runs}/quickstart"):
+        exp = find_experiment("experiments", arg)  # --storage left at its default
+        assert (exp.name, Path(exp.uri())) == ("quickstart", runs / "quickstart"), arg
+    monkeypatch.chdir(runs)
+    assert Path(find_experiment("elsewhere", "quickstart").uri()) == runs / "quickstart"  # a directory here
+    assert Path(find_experiment("elsewhere", "./quickstart").uri()) == runs / "quickstart"
+    assert Path(find_experiment(str(runs), "quickstart").uri()) == runs / "quickstart"  # name + --storage
+    (runs / "not-one").mkdir()
+    with pytest.raises(UserError, match="not-one: not an experiment directory"):
+        find_experiment("experiments", str(runs / "not-one"))

@@ -115,8 +115,9 @@ def searched(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict[
 
 @pytest.fixture(scope="module")
 def retrained(searched: dict[str, Any]) -> dict[str, Any]:
-    code = main(["retrain", "--storage", searched["root"], "--top", "2", "--seeds", "2", "--epochs", str(RETRAIN_EPOCHS)])
     exp = searched["exp"]
+    # the experiment directory as search prints it (the name + --storage form is used below)
+    code = main(["retrain", exp.uri(), "--top", "2", "--seeds", "2", "--epochs", str(RETRAIN_EPOCHS)])
     return {**searched, "code": code, "df": exp.read_table("retrain.parquet"), "dir": Path(exp.uri())}
 
 
@@ -202,6 +203,11 @@ def test_evaluate_reproduces_the_test_accuracy(retrained: dict[str, Any], capsys
     assert f"top-1 {row['test_acc']:.4f}" in out
     assert main(["evaluate", str(path), "--split", "trainval"]) == 0
     assert "trainval (1,200 images)" in capsys.readouterr().out
+    # an experiment (directory, or name + --storage): every checkpoint of its retrain
+    for argv in ([str(retrained["dir"])], [retrained["dir"].name, "--storage", retrained["root"]]):
+        assert main(["evaluate", *argv]) == 0
+        out = capsys.readouterr().out
+        assert out.count("top-1") == len(retrained["df"]) and f"top-1 {row['test_acc']:.4f}" in out
 
 
 @pytest.mark.ray
