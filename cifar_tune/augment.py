@@ -394,15 +394,21 @@ def hue_shift(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     the channel maximum. HSV -> RGB uses the closed form ``c = V - V S max(0, min(k, 4 - k, 1))`` with
     ``k = (n + 6 H) mod 6``, which equals torchvision's sextant table without its gather.
     """
-    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    # contiguous channel planes [B, H, W]: elementwise ops on strided channel views are several times slower
+    r, g, b = x.transpose(0, 1).contiguous().unbind(0)
     maxc, minc = torch.maximum(torch.maximum(r, g), b), torch.minimum(torch.minimum(r, g), b)
     chroma = maxc - minc  # = V * S
     inv = torch.where(chroma > 0, chroma, 1.0).reciprocal_()
     h6 = torch.where(maxc == r, g - b, torch.where(maxc == g, (b - r).add_(chroma, alpha=2.0), (r - g).add_(chroma, alpha=4.0)))
-    h6 = h6.mul_(inv).add_(6.0 * turns.view(-1, 1, 1, 1))  # hue in sextants, shifted
-    n = to_device(torch.tensor(_SEXTANT_OFFSETS, dtype=x.dtype).view(1, 3, 1, 1), x.device)
-    k = (n + h6).remainder_(6.0)
-    return maxc - chroma * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    # hue in sextants, shifted, then wrapped to [0, 6): one floor, not a remainder per channel
+    h6 = h6.mul_(inv).add_(6.0 * turns.view(-1, 1, 1))
+    h6 = h6.sub_(torch.floor(h6 * (1.0 / 6.0)).mul_(6.0))
+    out = []
+    for offset in _SEXTANT_OFFSETS:  # R, G, B
+        k = h6 + offset  # in [1, 11): at most one more wrap
+        k = torch.where(k >= 6.0, k - 6.0, k)
+        out.append(maxc - chroma * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0))
+    return torch.stack(out, dim=1)
 
 
 def _jitter_order(g: torch.Generator, n: int, ops: int, hue: int | None,
@@ -483,15 +489,16 @@ def apply_jitter(x: torch.Tensor, names: Sequence[str], factors: Mapping[str, to
             f = ones
             for k in blends:
                 f = torch.where(is_op[k], factors[k].view(n, 1, 1, 1), f)
-            target = torch.zeros((), device=dev)
+            # torchvision's _blend: ratio * x + (1 - ratio) * target, clamped (one fused multiply-add)
             if "contrast" in is_op or "saturation" in is_op:
                 gx = gray(x) if c == 3 else x
-                if "contrast" in is_op:
-                    target = target + is_op["contrast"] * gx.mean(dim=(1, 2, 3), keepdim=True)
+                target = gx.mean(dim=(1, 2, 3), keepdim=True) * is_op["contrast"] if "contrast" in is_op \
+                    else torch.zeros_like(f)
                 if "saturation" in is_op:
-                    target = target + is_op["saturation"] * gx
-            # torchvision's _blend: ratio * x + (1 - ratio) * target, clamped
-            x = x.mul_(f).add_((1 - f) * target).clamp_(0, 255)
+                    target = torch.where(is_op["saturation"], gx, target)
+                x = torch.addcmul(target * (1 - f), x, f).clamp_(0, 255)
+            else:
+                x = x.mul_(f).clamp_(0, 255)
         if hue_here is not None and hue_here.numel():
             x = x.index_copy_(0, hue_here, hue_shift(x.index_select(0, hue_here), factors["hue"].index_select(0, hue_here)))
     return x
