@@ -178,7 +178,8 @@ def _geometric(x: torch.Tensor, code: torch.Tensor, mag: torch.Tensor) -> torch.
     b, _, h, w = x.shape
     dev = x.device
     theta = _inverse_affine(code, mag.double(), h, w).float()
-    t = theta.transpose(1, 2).div_(torch.tensor([0.5 * w, 0.5 * h], device=dev))  # [B, 3, 2]
+    # a constant copied without blocking: a blocking host->device copy is a host sync in the step loop
+    t = theta.transpose(1, 2).div_(torch.tensor([0.5 * w, 0.5 * h]).to(dev, non_blocking=True))  # [B, 3, 2]
     xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=dev).view(1, 1, w, 1)
     ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=dev).view(1, h, 1, 1)
     grid = xs * t[:, None, 0:1, :] + ys * t[:, None, 1:2, :] + t[:, None, 2:3, :]  # [B, H, W, 2]
@@ -373,7 +374,7 @@ class Policy:
                 t["sub_codes"] = torch.tensor([[CODE[op] for op, _, _ in sub] for sub in subs])
                 t["sub_p"] = torch.tensor([[p for _, p, _ in sub] for sub in subs], dtype=torch.float32)
                 t["sub_bins"] = torch.tensor([[m or 0 for _, _, m in sub] for sub in subs])
-            self._tables[key] = {k: v.to(device) for k, v in t.items()}
+            self._tables[key] = {k: v.to(device, non_blocking=True) for k, v in t.items()}  # no host sync
         return self._tables[key]
 
     def draw(self, g: torch.Generator, b: int, h: int, w: int,
