@@ -617,7 +617,8 @@ def run_bench(opts: BenchOptions, out: Callable[[str], None] = print) -> dict[st
 
 def environment(device: str) -> dict[str, Any]:
     env: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
-                           "machine": platform.machine(), "cores": os.cpu_count()}
+                           "machine": platform.machine(), "cores": os.cpu_count(),
+                           "load_avg_1m": round(os.getloadavg()[0], 1)}  # the machine may be shared
     if torch.device(device).type == "cuda":
         props = torch.cuda.get_device_properties(torch.device(device))
         env.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
@@ -660,6 +661,10 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
     lines = [f"model `{o['model']}`, device {o['device']}{gpu}, batch {o['batch_size']}, {report['threads']} torch threads "
              f"for rows a-d, {o['epoch_images']} images per epoch, median of {o['rounds']} interleaved rounds; "
              f"torch {env['torch']}, {env['cores']} cores", ""]
+    if o.get("only_policies"):  # rows a-d did not run: describe row f's setting instead
+        lines = [f"row f only: device {o['device']}{gpu}, batch {o['batch_size']}, {o['augment_images']} images per "
+                 f"round, median of {o['rounds']} interleaved rounds; torch {env['torch']}, {env['cores']} cores, "
+                 f"1-minute load average {env.get('load_avg_1m', '?')} at the start", ""]
     if command:
         lines += [f"command: `{command}`", ""]
     if report["rows"]:  # absent with --only-policies
