@@ -440,11 +440,22 @@ def _check_augment(tree: Any, path: str, errors: ErrorList, build: Any, seed: in
         if len(errors.items) > n_before:
             continue
         for i in range(BUILD_CHECK_DRAWS if _contains_dist(alt) else 1):
+            cfg = sample_tree(alt, random.Random(f"check:{seed}:{i}"))
             try:
-                build(sample_tree(alt, random.Random(f"check:{seed}:{i}")))
+                build(cfg)
             except (ValueError, TypeError, KeyError) as e:
-                _add_build_error(errors, alt_path, str(e.args[0]) if e.args else repr(e))
+                # a builder names only its own key ("magnitude: ..."): find the augmentation it belongs to
+                where = next((f"{alt_path}.{name}" for name in cfg if not _builds(build, {name: cfg[name]})), alt_path)
+                _add_build_error(errors, where, str(e.args[0]) if e.args else repr(e))
                 break
+
+
+def _builds(build: Any, cfg: dict[str, Any]) -> bool:
+    try:
+        build(cfg)
+    except (ValueError, TypeError, KeyError):
+        return False
+    return True
 
 
 def _check_train(tree: Any, path: str, errors: ErrorList) -> None:

@@ -131,6 +131,8 @@ BROKEN: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("missing-model", _del("space/model"), "space: missing 'model' (a mapping with 'family', or a choice of them)"),
     ("unknown-augment", _set("space/augment/hflp", True),
      "space.augment.hflp: unknown augmentation 'hflp' (did you mean 'hflip'?)"),
+    ("augment-value", _set("space/augment/randaugment", {"magnitude": 40}),  # anchored at the augmentation
+     "space.augment.randaugment.magnitude: must be < num_magnitude_bins (31), got 40"),
     ("unknown-schedule", _set("space/schedule", {"name": "cosin"}),
      "space.schedule.name: unknown lr schedule 'cosin' (did you mean 'cosine'?)"),
     ("train-key", _set("space/train/batchsize", 3), "space.train.batchsize: unknown key (did you mean 'batch_size'?)"),
