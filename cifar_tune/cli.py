@@ -164,15 +164,36 @@ def cmd_search(args: argparse.Namespace) -> int:
     from cifar_tune.search import run_search
     from cifar_tune.spec import load_spec
 
-    spec = load_spec(args.spec, args.set)
+    spec = load_spec(args.spec, [*args.set, *tracking_overrides(args)])
     exp = run_search(
         spec, storage=args.storage, name=args.name, address=args.address, resume=args.resume,
         dashboard=not args.no_dashboard, num_cpus=args.num_cpus, progress_every_s=args.progress_every,
+        dashboard_port=args.dashboard_port,
     )
     trials = exp.read_table("trials.parquet")
     if not trials["status"].isin(["completed", "stopped"]).any():
         print("error: no trial finished training (see the error column of trials.parquet)", file=sys.stderr)
         return EXIT_FAILED
+    return EXIT_OK
+
+
+def tracking_overrides(args: argparse.Namespace) -> list[str]:
+    """--mlflow / --wandb / --wandb-mode are shorthands for --set tracking...."""
+    out = []
+    if args.mlflow:
+        out.append(f"tracking.mlflow.uri={json.dumps(args.mlflow)}")
+    if args.wandb:
+        out.append(f"tracking.wandb.project={json.dumps(args.wandb)}")
+    if args.wandb_mode:
+        out.append(f"tracking.wandb.mode={args.wandb_mode}")
+    return out
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from cifar_tune.dashboard import serve
+    from cifar_tune.results import find_experiment
+
+    serve(find_experiment(args.storage, args.experiment), port=args.port)
     return EXIT_OK
 
 
@@ -300,7 +321,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray instance (default: all)")
     p.add_argument("--progress-every", type=float, default=15.0, metavar="SECONDS", help="live table interval")
+    p.add_argument("--dashboard-port", type=int, default=8080, help="trials dashboard port on 127.0.0.1 (default 8080, else a free one)")
+    p.add_argument("--mlflow", default=None, metavar="URI_OR_DIR", help="log to MLflow (= --set tracking.mlflow.uri=...)")
+    p.add_argument("--wandb", default=None, metavar="PROJECT", help="log to W&B (= --set tracking.wandb.project=...)")
+    p.add_argument("--wandb-mode", choices=("online", "offline", "disabled"), default=None, help="W&B mode (default online)")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("dashboard", help="serve the trials dashboard of a running or finished experiment on 127.0.0.1")
+    p.add_argument("experiment", nargs="?", default=None, help="experiment name (default: the most recent under --storage)")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root (default: experiments)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080, else a free one)")
+    p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("retrain", help="refit the top-K searched configs on train+val and evaluate them on the test split")
     p.add_argument("experiment", nargs="?", default=None,

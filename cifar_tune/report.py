@@ -10,6 +10,7 @@ import io
 import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -241,6 +242,135 @@ def plot_confusion(exp: Experiment, cm: np.ndarray, names: list[str], title: str
     return _save(exp, fig, "report_confusion.png")
 
 
+# ------------------------------------------------------------------------------------- importance
+
+IMPORTANCE_MIN_TRIALS = 5  # PED-ANOVA compares the top quantile with the rest: fewer says nothing
+
+
+@dataclass(frozen=True)
+class Importance:
+    title: str  # "all trials" or "optimizer = sgd"
+    trials: int
+    values: dict[str, float]  # parameter -> importance (sums to 1), most important first
+    note: str = ""
+
+
+def importance_epoch(epochs: pd.DataFrame, metric: str) -> tuple[int, int, int] | None:
+    """(epoch, trials that reached it, trials with any result): the fidelity importance is computed at.
+
+    The last epoch that at least half of the trials (and at least IMPORTANCE_MIN_TRIALS) reached
+    with a finite metric: later epochs have fewer, better trials (ASHA stopped the rest), so
+    comparing them would measure survival, not the hyperparameters.
+    """
+    ok = epochs[np.isfinite(pd.to_numeric(epochs[metric], errors="coerce").astype(float))] if metric in epochs else epochs.iloc[:0]
+    total = ok["trial_id"].nunique()
+    if total < IMPORTANCE_MIN_TRIALS:
+        return None
+    need = max(IMPORTANCE_MIN_TRIALS, math.ceil(total / 2))
+    counts = ok.groupby("epoch")["trial_id"].nunique()
+    reached = counts[counts >= need]
+    return (int(reached.index.max()), int(reached.loc[reached.index.max()]), total) if len(reached) else None
+
+
+def _importance_study(rows: list[tuple[list[Any], float]], mode: str) -> Any:
+    """An in-memory Optuna study of (searched params, value) pairs; one range per parameter."""
+    import optuna
+
+    from cifar_tune.searched import Param
+
+    bounds: dict[str, tuple[float, float]] = {}
+    for params, _ in rows:
+        for p in params:
+            if p.kind != "categorical":
+                lo, hi = bounds.get(p.name, (p.low, p.high))
+                bounds[p.name] = (min(lo, p.low), max(hi, p.high))
+    study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
+    for params, value in rows:
+        same = [p if p.kind == "categorical" else Param(p.name, p.kind, p.value, *bounds[p.name], p.log) for p in params]
+        study.add_trial(optuna.trial.create_trial(
+            params={p.name: p.value for p in same}, distributions={p.name: p.distribution() for p in same}, value=value))
+    return study
+
+
+def _ped_anova(rows: list[tuple[list[Any], float]], mode: str, params: list[str]) -> dict[str, float]:
+    import warnings
+
+    import optuna
+    from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = _importance_study(rows, mode)
+    with warnings.catch_warnings():  # few trials per region: Optuna warns, the table states the counts
+        warnings.simplefilter("ignore")
+        # the top 10 % as in the paper, but at least 2 trials: a region of one trial has no density
+        evaluator = PedAnovaImportanceEvaluator(target_quantile=min(0.5, max(0.1, 2 / len(rows))))
+        return dict(get_param_importances(study, evaluator=evaluator, params=params, normalize=True))
+
+
+def hyperparameter_importance(space: dict[str, Any], trials: pd.DataFrame, epochs: pd.DataFrame, metric: str,
+                              mode: str, epoch: int) -> list[Importance]:
+    """PED-ANOVA importance of the searched parameters for ``metric`` at ``epoch``: over all trials
+    (the parameters every trial has) and then per branch of each choice (its own parameters)."""
+    from cifar_tune.searched import branch_of, searched_params
+
+    at = epochs[(epochs["epoch"] == epoch)].set_index("trial_id")[metric]
+    rows = []
+    for r in trials.to_dict("records"):
+        v = at.get(r["trial_id"])
+        if v is not None and np.isfinite(float(v)):
+            rows.append((searched_params(space, json.loads(r["config"])), float(v)))
+    out = [_importance_section("all trials", rows, mode)]
+    branches = sorted({b for params, _ in rows for p in params if (b := branch_of(p.name))})
+    for choice, label in branches:
+        sub = [(ps, v) for ps, v in rows if any(p.name == choice and str(p.value) == label for p in ps)]
+        out.append(_importance_section(f"{choice} = {label}", sub, mode))
+    return out
+
+
+def _importance_section(title: str, rows: list[tuple[list[Any], float]], mode: str) -> Importance:
+    if len(rows) < IMPORTANCE_MIN_TRIALS:
+        return Importance(title, len(rows), {}, f"too few trials (needs {IMPORTANCE_MIN_TRIALS})")
+    # the parameters every one of these trials has (a branch's own live in its section) that vary
+    common = set.intersection(*({p.name for p in ps} for ps, _ in rows))
+    names = [p.name for p in rows[0][0] if p.name in common
+             and len({json.dumps(q.value) for ps, _ in rows for q in ps if q.name == p.name}) > 1]
+    if not names:
+        return Importance(title, len(rows), {}, "no parameter shared by all these trials varies")
+    return Importance(title, len(rows), _ped_anova(rows, mode, names))
+
+
+def _importance_lines(exp: Experiment, trials: pd.DataFrame, epochs: pd.DataFrame, metric: str, mode: str) -> list[str]:
+    md = ["## Hyperparameter importance", ""]
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        return md + ["Needs Optuna: `pip install 'cifar-tune[dashboard]'` and run `cifar-tune report` again.", ""]
+    fid = importance_epoch(epochs, metric)
+    if fid is None:
+        return md + [f"Not computed: fewer than {IMPORTANCE_MIN_TRIALS} trials reached a common epoch.", ""]
+    epoch, n_at, total = fid
+    from cifar_tune.dashboard import stored_space
+
+    sections = hyperparameter_importance(stored_space(exp), trials, epochs, metric, mode, epoch)
+    md += [
+        f"PED-ANOVA (`optuna.importance.PedAnovaImportanceEvaluator`, the evaluator optuna-dashboard uses) of "
+        f"{metric} at epoch {epoch}: the last epoch that at least half of the {total} trials with results reached "
+        f"({n_at} did). One fidelity, so trials stopped later by the scheduler count like the rest. Importances of a "
+        "section sum to 1. A parameter inside one option of a choice (`optimizer[sgd].lr`) exists only in that "
+        "branch: it is ranked in the branch's own section, with the trials that took that branch.",
+        "",
+    ]
+    for sec in sections:
+        md += [f"### {sec.title} ({sec.trials} trials)", ""]
+        if not sec.values:
+            md += [sec.note, ""]
+            continue
+        md += ["| parameter | importance |", "|---|---:|"]
+        md += [f"| `{name}` | {value:.3f} |" for name, value in sec.values.items()]
+        md += [""]
+    return md
+
+
 # ----------------------------------------------------------------------------------------- report
 
 
@@ -332,6 +462,7 @@ def build_report(exp: Experiment, out: Printer = print) -> str:
                  f"{score_col} of each trial against each searched hyperparameter (log x for learning-rate-like values); "
                  "colour: epochs run, since stopped trials had less time to reach their best.")
     md += _image("Optimizers", plot_optimizers(exp, trials, score_col), f"{score_col} per optimizer: box and individual trials.")
+    md += _importance_lines(exp, trials, epochs, metric, mode)
     md += _retrain_section(exp, stored, out)
     text = "\n".join(md)
     exp.write_text("report.md", text)

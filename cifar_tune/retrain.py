@@ -31,9 +31,10 @@ import torch
 import yaml
 
 from cifar_tune import data as data_mod
+from cifar_tune import tracking
 from cifar_tune.errors import ErrorList, UserError
 from cifar_tune.results import Experiment
-from cifar_tune.spec import DataSpec, RetrainSpec, SearchSpec, parse_dataclass
+from cifar_tune.spec import DataSpec, RetrainSpec, SearchSpec, TrackingSpec, parse_dataclass
 
 Printer = Callable[[str], None]
 ELIGIBLE = ("completed", "stopped")  # diverged/error/oom/pending/running/interrupted cannot be ranked
@@ -51,6 +52,7 @@ class StoredSpec:
     data: DataSpec
     search: SearchSpec
     retrain: RetrainSpec
+    tracking: TrackingSpec = TrackingSpec()
 
 
 def load_stored_spec(exp: Experiment) -> StoredSpec:
@@ -63,9 +65,10 @@ def load_stored_spec(exp: Experiment) -> StoredSpec:
     data = parse_dataclass(DataSpec, spec.get("data"), "data", errors)
     search = parse_dataclass(SearchSpec, spec.get("search"), "search", errors)
     retrain = parse_dataclass(RetrainSpec, spec.get("retrain"), "retrain", errors)
+    tracking = parse_dataclass(TrackingSpec, spec.get("tracking"), "tracking", errors)
     if errors:
         raise UserError(f"{exp.uri('spec.yaml')}: {errors.items[0]}")
-    return StoredSpec(name=str(spec.get("name", exp.name)), data=data, search=search, retrain=retrain)
+    return StoredSpec(name=str(spec.get("name", exp.name)), data=data, search=search, retrain=retrain, tracking=tracking)
 
 
 def data_spec_from_dict(d: dict[str, Any], where: str) -> DataSpec:
@@ -475,6 +478,8 @@ def _refit(
         (result, config), = top
         write_feature_map(exp, result["state_dict"], config, result["info"], test, trial_id=result["trial_id"], out=out)
     df = retrain_frame(rows, stored.search.metric)
+    for line in tracking.log_retrain(stored.tracking, exp, df.to_dict("records")):
+        out(line)
     exp.write_text("leaderboard.md", leaderboard_markdown(df, experiment=exp.name, metric=stored.search.metric, rule=rule, epochs=epochs))
     out(f"results: {exp.uri('retrain.parquet')}  leaderboard: {exp.uri('leaderboard.md')}  checkpoints: {exp.uri('checkpoints')}")
     return df

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import time
@@ -220,6 +221,38 @@ class LiveTable:
                 self.out(f"    {trial_label(r['trial_id'], json.loads(r['config'])):<28} epoch {r.get('epochs_run', 0):>3}/{r['max_epochs']}  {val_txt}")
 
 
+class Fanout:
+    """The events sink Ray sees: the live table first (it records the statuses the others read)."""
+
+    def __init__(self, *sinks: Any) -> None:
+        self.sinks = [s for s in sinks if s is not None]
+
+    def __getattr__(self, event: str) -> Callable[..., None]:
+        def call(*args: Any) -> None:
+            for s in self.sinks:
+                getattr(s, event)(*args)
+
+        return call
+
+
+class GaugeSink:
+    """Keeps the search's Prometheus gauges (trials by status, best metric) in step with the log."""
+
+    STATUSES = ("pending", "running", *FINISHED, "interrupted")
+
+    def __init__(self, log: TrialLog, gauges: Any) -> None:
+        self.log, self.gauges = log, gauges
+
+    def _update(self, *_: Any) -> None:
+        best = self.log.best()
+        self.gauges.update(self.log.counts(), best[f"best_{self.log.metric}"] if best else None)
+
+    trial_started = trial_result = trial_finished = trial_errored = trial_retried = _update
+
+    def tick(self) -> None:
+        pass
+
+
 def leaderboard_lines(log: TrialLog, k: int = 10) -> list[str]:
     m = log.metric
     sign = -1 if log.mode == "max" else 1
@@ -246,6 +279,7 @@ def _comparable(d: dict[str, Any]) -> dict[str, Any]:
     for key in ("num_samples", "max_concurrent"):
         d.get("search", {}).pop(key, None)
     d.pop("retrain", None)
+    d.pop("tracking", None)  # trackers may be added or changed on resume
     return d
 
 
@@ -323,13 +357,15 @@ def run_search(
     dashboard: bool = True,
     num_cpus: int | None = None,
     progress_every_s: float = 15.0,
+    dashboard_port: int = 8080,
     out: Printer = print,
 ) -> Experiment:
     from cifar_tune import data as data_mod
-    from cifar_tune import tuner
+    from cifar_tune import tracking, tuner
     from cifar_tune.trial import TrialSetup
 
     exp = Experiment(storage, name or spec.name)
+    tracking.check_available(spec.tracking)
     data_mod.prepare(spec.data)  # download once, in the driver, before anything is written or started
     data_mod.check_split(spec.data)  # a subset larger than the data set fails here, not in every trial
     log, todo, next_index = _plan(spec, exp, resume, out)
@@ -338,6 +374,9 @@ def run_search(
     log.flush(force=True)
     cluster = tuner.connect(address, dashboard=dashboard, num_cpus=num_cpus)
     print_cluster(cluster, out)
+    mirror = _trials_dashboard(spec, exp, log, serve=dashboard, port=dashboard_port, out=out)
+    for line in tracking.describe(spec.tracking, exp):
+        out(line)
     resources = tuner.trial_resources(spec.search.resources, cluster)
     slots = concurrent_slots(cluster.cpus, cluster.gpus, resources)
     max_concurrent = spec.search.max_concurrent or slots
@@ -357,19 +396,23 @@ def run_search(
     if remaining == 0:
         out("nothing to run: every trial has finished")
     live = LiveTable(log, total, out, progress_every_s)
+    events = Fanout(live, mirror, GaugeSink(log, tuner.SearchGauges(exp.name, spec.search.metric, GaugeSink.STATUSES)))
+    mlflow_args, wandb_args = tracking.search_callback_args(spec.tracking, exp)
+    callbacks = tuner.tracking_callbacks(mlflow=mlflow_args, wandb=wandb_args, status_of=lambda tid: log.rows[tid]["status"])
     setup = TrialSetup(data=spec.data, epochs=spec.search.scheduler.max_epochs, seed=spec.search.seed)
     run_name = f"run-{int(time.time())}"
     interrupted = False
     try:
         if remaining:
             tuner.run_search(
-                setup=setup, source=source, events=live, scheduler=spec.search.scheduler,
+                setup=setup, source=source, events=events, scheduler=spec.search.scheduler,
                 metric=spec.search.metric, mode=spec.search.resolved_mode, resources=resources,
                 num_trials=remaining, max_concurrent=max_concurrent, max_failures=spec.search.max_failures,
                 storage_path=exp.uri("ray"), run_name=run_name,
                 trial_names=lambda c: trial_label(c["trial_id"], c["config"]),
                 # loaded once here and shared zero-copy: workers skip reading/generating it
                 shared_data=data_mod.training_arrays(spec.data),
+                experiment=exp.name, callbacks=callbacks,
             )
     except KeyboardInterrupt:
         interrupted = True
@@ -378,6 +421,11 @@ def run_search(
             if r["status"] == "running":  # stopped by Ctrl-C: rerun on --resume
                 r["status"] = "interrupted"
         log.flush(force=True)
+        if mirror is not None:
+            mirror.close()
+        # W&B's callback cleans up in __del__, which fails at interpreter exit: collect it while Ray is up
+        callbacks.clear()
+        gc.collect()
     unfinished = [r for r in log.rows.values() if r["status"] not in FINISHED]
     live.print_table()
     for line in leaderboard_lines(log):
@@ -402,6 +450,28 @@ def gpu_warnings(cluster_gpus: float, gpus_per_trial: float, concurrent: int) ->
                 f"{cluster_gpus:g} GPUs; the rest sit idle (raise search.max_concurrent, or the CPUs per trial "
                 "allow no more)"]
     return []
+
+
+def _trials_dashboard(spec: Spec, exp: Experiment, log: TrialLog, *, serve: bool, port: int, out: Printer) -> Any:
+    """Mirror the search into the Optuna journal and (unless --no-dashboard) serve it from this driver."""
+    from cifar_tune import dashboard
+
+    try:
+        mirror = dashboard.OptunaMirror(
+            dashboard.journal_path(exp), study_name=exp.name, space=spec.space, log=log,
+            scheduler=json.loads(json.dumps(spec.to_dict()["search"]["scheduler"])),
+        )
+    except UserError as e:
+        out(f"trials dashboard: off ({e.lines[0]})")
+        return None
+    if not serve:
+        out(f"trials journal: {mirror.path}  (serve it: cifar-tune dashboard {exp.name})")
+    elif dashboard.dashboard_available():
+        out(f"trials dashboard: {dashboard.start_in_background(mirror.path, port)[1]}  (served by this driver while it runs; "
+            f"afterwards: cifar-tune dashboard {exp.name})")
+    else:
+        out(f"trials journal: {mirror.path}  (for the dashboard: pip install 'cifar-tune[dashboard]')")
+    return mirror
 
 
 def print_cluster(c: Any, out: Printer) -> None:

@@ -102,6 +102,28 @@ class RetrainSpec:
 
 
 @dataclass(frozen=True)
+class MlflowSpec:
+    # a tracking URI (http(s)://server, sqlite:///file.db, ...) or a local directory (relative to the
+    # directory the command runs in; becomes <dir>/mlflow.db); null: MLflow off
+    uri: str | None = None
+    experiment: str | None = None  # MLflow experiment name; null: the search's name
+
+
+@dataclass(frozen=True)
+class WandbSpec:
+    project: str | None = None  # null: W&B off
+    mode: Literal["online", "offline", "disabled"] = "online"
+    entity: str | None = None
+    dir: str | None = None  # where W&B writes its run files; null: the experiment directory
+
+
+@dataclass(frozen=True)
+class TrackingSpec:
+    mlflow: MlflowSpec = field(default_factory=MlflowSpec)
+    wandb: WandbSpec = field(default_factory=WandbSpec)
+
+
+@dataclass(frozen=True)
 class Spec:
     name: str
     data: DataSpec
@@ -110,6 +132,7 @@ class Spec:
     constraints: ConstraintsSpec
     retrain: RetrainSpec
     source: str = "<spec>"
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved spec (defaults filled in) in YAML form."""
@@ -192,7 +215,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 # --------------------------------------------------------------------------------------- sections
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-TOP_KEYS = ("name", "data", "search", "space", "constraints", "retrain")
+TOP_KEYS = ("name", "data", "search", "space", "constraints", "retrain", "tracking")
 SPACE_KEYS = ("model", "optimizer", "schedule", "augment", "train")
 SPACE_DEFAULTS: dict[str, Any] = {
     "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": True},
@@ -571,6 +594,7 @@ def parse_spec(raw: Any, source: str = "<spec>", *, check_budget: bool = True) -
     search = parse_dataclass(SearchSpec, raw.get("search"), "search", errors)
     constraints = parse_dataclass(ConstraintsSpec, raw.get("constraints"), "constraints", errors)
     retrain = parse_dataclass(RetrainSpec, raw.get("retrain"), "retrain", errors)
+    tracking = parse_dataclass(TrackingSpec, raw.get("tracking"), "tracking", errors)
     sched = search.scheduler
     if sched.grace_period > sched.max_epochs:
         errors.add("search.scheduler.grace_period", f"must be <= max_epochs ({sched.max_epochs}), got {sched.grace_period}")
@@ -597,7 +621,7 @@ def parse_spec(raw: Any, source: str = "<spec>", *, check_budget: bool = True) -
     full_space = {k: merged[k] for k in SPACE_KEYS if k in merged}  # always in the documented order
     spec = Spec(
         name=str(name), data=data, search=search, space=full_space,
-        constraints=constraints, retrain=retrain, source=source,
+        constraints=constraints, retrain=retrain, source=source, tracking=tracking,
     )
     if not errors and check_budget and constraints.max_params is not None and info is not None:
         _check_budget(spec, info, errors)

@@ -67,6 +67,8 @@ class RayInfo:
 def connect(address: str | None = None, *, dashboard: bool = True, num_cpus: int | None = None) -> RayInfo:
     """Start a local Ray instance, or join ``address`` (e.g. ``auto`` or ``10.0.0.1:6379``)."""
     started_here = False
+    # a driver started by `ray job submit` finds its cluster in RAY_ADDRESS, as ray.init() would
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
         if address:
@@ -125,7 +127,7 @@ def assigned_device() -> tuple[Any, float | None]:
 # ---------------------------------------------------------------------------------------- search
 
 
-def cifar_tune_trial(config: dict[str, Any], setup: Any, shared_data: Any = None) -> None:
+def cifar_tune_trial(config: dict[str, Any], setup: Any, shared_data: Any = None, experiment: str = "") -> None:
     """Runs in a Ray worker: the plain-PyTorch trial, reporting each epoch to Tune.
 
     Its name is what the Ray dashboard shows for the trial actors.
@@ -137,12 +139,100 @@ def cifar_tune_trial(config: dict[str, Any], setup: Any, shared_data: Any = None
         data_mod.install_training_arrays(setup.data, shared_data)
 
     node_id = ray.get_runtime_context().get_node_id()
+    name = tune.get_context().get_trial_name() or config["trial_id"]
+    announce_trial(name, experiment)
+    gauges = _TrialGauges.get()
 
     def report(metrics: dict[str, Any]) -> None:
-        tune.report({**metrics, "node_id": node_id})
+        extra = {"node_id": node_id}
+        if (gpu := _gpu_memory_bytes()) is not None:
+            extra["gpu_memory_bytes"] = gpu
+        gauges.record(experiment, name, {**metrics, **extra})
+        tune.report({**metrics, **extra})
 
     device, share = assigned_device()
     run_trial(config["config"], setup, trial_id=config["trial_id"], report=report, device=device, memory_fraction=share)
+
+
+# ------------------------------------------------------------------------- the dashboard's view
+
+
+def announce_trial(name: str, experiment: str) -> None:
+    """Name the trial in the worker's log (the dashboard's Logs and Actors pages show that file).
+
+    Ray prefixes a worker's forwarded log lines with the actor's repr, fixed when the actor was
+    created; with reused actors one actor runs many trials. Ray's log monitor renames the prefix
+    when the worker prints its actor-name marker, so each trial start prints it again: the driver's
+    (and a job's) log then reads ``(t0007-vgg-sgd pid=...)`` instead of ``(ImplicitFunc pid=...)``.
+    """
+    from ray._private.ray_constants import LOG_PREFIX_ACTOR_NAME
+
+    print(f"{LOG_PREFIX_ACTOR_NAME}{name}", flush=True)
+    print(f"cifar-tune: trial {name} starting (experiment {experiment}, pid {os.getpid()})", flush=True)
+
+
+def _gpu_memory_bytes() -> int | None:
+    import torch
+
+    return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
+
+
+class _TrialGauges:
+    """Per-trial Prometheus gauges (Ray exports them on each node's metrics port as ``ray_<name>``)."""
+
+    _instance: _TrialGauges | None = None
+    VALUES = ("val_acc", "val_loss", "val_top5")
+
+    def __init__(self) -> None:
+        from ray.util.metrics import Gauge
+
+        tags = ("experiment", "trial")
+        self.epoch = Gauge("cifar_tune_trial_epoch", "epochs finished by the trial", tag_keys=tags)
+        self.val = Gauge("cifar_tune_trial_val_metric", "validation metric after the last epoch", tag_keys=(*tags, "metric"))
+        self.speed = Gauge("cifar_tune_trial_images_per_s", "training images per second in the last epoch", tag_keys=tags)
+        self.gpu = Gauge("cifar_tune_trial_gpu_memory_bytes", "peak GPU memory allocated by the trial's process", tag_keys=tags)
+
+    @classmethod
+    def get(cls) -> _TrialGauges:
+        if cls._instance is None:  # one set per worker process, reused by every trial it runs
+            cls._instance = cls()
+        return cls._instance
+
+    def record(self, experiment: str, trial: str, m: dict[str, Any]) -> None:
+        tags = {"experiment": experiment, "trial": trial}
+        if m.get("epoch") is not None:
+            self.epoch.set(float(m["epoch"]), tags=tags)
+        for k in self.VALUES:
+            if isinstance(m.get(k), int | float):
+                self.val.set(float(m[k]), tags={**tags, "metric": k})
+        if isinstance(m.get("images_per_s"), int | float):
+            self.speed.set(float(m["images_per_s"]), tags=tags)
+        if m.get("gpu_memory_bytes") is not None:
+            self.gpu.set(float(m["gpu_memory_bytes"]), tags=tags)
+
+
+class SearchGauges:
+    """Per-search Prometheus gauges, set by the driver: trials by status and the best metric so far."""
+
+    def __init__(self, experiment: str, metric: str, statuses: tuple[str, ...]) -> None:
+        from ray.util.metrics import Gauge
+
+        self.experiment, self.metric, self.statuses = experiment, metric, statuses
+        self.trials = Gauge("cifar_tune_search_trials", "trials of the search by status", tag_keys=("experiment", "status"))
+        self.best = Gauge("cifar_tune_search_best_metric", "best validation metric of the search so far",
+                          tag_keys=("experiment", "metric"))
+
+    def update(self, counts: dict[str, int], best: float | None) -> None:
+        for s in self.statuses:
+            self.trials.set(float(counts.get(s, 0)), tags={"experiment": self.experiment, "status": s})
+        if best is not None:
+            self.best.set(float(best), tags={"experiment": self.experiment, "metric": self.metric})
+
+
+def metrics_export_urls() -> list[str]:
+    """Where each node serves Ray's Prometheus metrics (what a Prometheus server would scrape)."""
+    return [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics" for n in ray.nodes()
+            if n.get("Alive") and n.get("MetricsExportPort")]
 
 
 class _SourceSearcher(Searcher):
@@ -255,11 +345,19 @@ def run_search(
     run_name: str,
     trial_names: Callable[[dict[str, Any]], str],
     shared_data: Any = None,
+    experiment: str = "",
+    callbacks: list[Any] | None = None,
 ) -> None:
-    """Run the trials to completion; every outcome arrives through ``events``."""
+    """Run the trials to completion; every outcome arrives through ``events``.
+
+    ``callbacks`` (e.g. from :func:`tracking_callbacks`) run after the events sink, so they see
+    each trial's final status already recorded.
+    """
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # our events print one line per failure
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(cifar_tune_trial, setup=setup, shared_data=shared_data), resources),
+        tune.with_resources(
+            tune.with_parameters(cifar_tune_trial, setup=setup, shared_data=shared_data, experiment=experiment), resources
+        ),
         tune_config=tune.TuneConfig(
             search_alg=_SourceSearcher(source, metric, mode),
             scheduler=make_scheduler(scheduler),
@@ -274,13 +372,73 @@ def run_search(
         run_config=tune.RunConfig(
             name=run_name,
             storage_path=storage_path,
-            callbacks=[_EventsCallback(events)],
+            callbacks=[_EventsCallback(events), *(callbacks or [])],
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
     )
     tuner.fit()
+
+
+# -------------------------------------------------------------------------------------- trackers
+
+
+def _tracked_result(result: dict[str, Any]) -> dict[str, Any]:
+    """Tune copies the whole config into every result: it is logged once as parameters, not per epoch."""
+    return {k: v for k, v in result.items() if k != "config"}
+
+
+def tracking_callbacks(
+    *, mlflow: dict[str, Any] | None, wandb: dict[str, Any] | None, status_of: Callable[[str], str | None],
+) -> list[Any]:
+    """Ray Tune's MLflow / W&B logger callbacks: one run per trial (named like the trial), its config
+    flattened as parameters, every epoch's metrics at step = epoch, and our final status
+    (completed / stopped / diverged / error / oom) as a tag (MLflow) or config value (W&B).
+
+    ``mlflow``: keyword arguments of ``MLflowLoggerCallback`` (tracking_uri, experiment_name);
+    ``wandb``: of ``WandbLoggerCallback`` (project, group, mode, dir, entity).
+    """
+    out: list[Any] = []
+    if mlflow:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        class _MLflow(MLflowLoggerCallback):
+            def log_trial_result(self, iteration: int, trial: Any, result: dict[str, Any]) -> None:
+                super().log_trial_result(iteration, trial, _tracked_result(result))
+
+            def log_trial_end(self, trial: Any, failed: bool = False) -> None:
+                run_id = self._trial_runs.get(trial)
+                status = status_of(trial.config["trial_id"])
+                if run_id and status:
+                    self.mlflow_util._get_client().set_tag(run_id, "cifar_tune.status", status)
+                super().log_trial_end(trial, failed=failed or status in ("diverged", "error", "oom"))
+
+        out.append(_MLflow(**mlflow))
+    if wandb:
+        from ray.air.integrations.wandb import WandbLoggerCallback, _QueueItem, _WandbLoggingActor
+
+        class _FlushingActor(_WandbLoggingActor):
+            def run(self) -> None:
+                super().run()
+                # W&B's service writes the run file after finish() returns; the callback kills this actor
+                # right away, which could leave an offline run empty. teardown() waits for the write.
+                self._wandb.teardown()
+
+        class _Wandb(WandbLoggerCallback):
+            _logger_actor_cls = _FlushingActor
+
+            def log_trial_result(self, iteration: int, trial: Any, result: dict[str, Any]) -> None:
+                super().log_trial_result(iteration, trial, _tracked_result(result))
+
+            def log_trial_end(self, trial: Any, failed: bool = False) -> None:
+                status = status_of(trial.config["trial_id"])
+                if status and trial in self._trial_queues:  # a config value: W&B's table shows it per run
+                    self._trial_queues[trial].put((_QueueItem.RESULT, {"config": {"status": status}}))
+                super().log_trial_end(trial, failed=failed)
+
+        out.append(_Wandb(**wandb))
+    return out
 
 
 # ----------------------------------------------------------------------------------------- tasks

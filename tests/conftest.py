@@ -158,3 +158,79 @@ def assert_summaries_derived(trials: pd.DataFrame, epochs: pd.DataFrame) -> None
             last = ep.iloc[-1]
             for k in ("val_acc", "train_loss"):
                 assert (pd.isna(last[k]) and pd.isna(getattr(row, f"last_{k}"))) or getattr(row, f"last_{k}") == pytest.approx(last[k])
+
+
+# ----------------------------------------------------------------------- one watched search (Ray)
+
+WATCHED_SPEC = {
+    "name": "watched",
+    "data": {"dataset": "synthetic", "synthetic": {"num_train": 600, "num_test": 100, "num_classes": 4, "image_size": 16}},
+    "search": {
+        "num_samples": 8, "max_concurrent": 2, "seed": 3,
+        "scheduler": {"name": "asha", "max_epochs": 3, "grace_period": 1, "reduction_factor": 2},
+        "resources": {"cpus_per_trial": 1},
+    },
+    "space": {
+        "model": {"choice": [
+            {"family": "lenet", "channels": [{"choice": [4, 8]}, 8], "padding": 2, "hidden": [16]},
+            {"family": "mlp", "hidden": [{"choice": [16, 32]}]},
+        ]},
+        "optimizer": {"choice": [
+            {"name": "sgd", "lr": {"loguniform": [1e-2, 2e-1]}, "momentum": 0.9},
+            {"name": "adam", "lr": {"loguniform": [1e-3, 1e-2]}},
+        ]},
+        "schedule": {"name": "none"},
+        "augment": {"hflip": True},
+        "train": {"batch_size": 32},
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def watched_search(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One short search with every observer on: the Optuna journal, MLflow (local store), W&B offline
+    and Ray's metrics. Ray is shut down before the tests run, so other modules can start their own;
+    what needs Ray alive (Prometheus text, worker logs) is collected here, while the search runs."""
+    import logging
+    import threading
+    import urllib.request
+
+    import ray
+
+    from cifar_tune import tuner
+    from cifar_tune.search import run_search
+    from cifar_tune.spec import parse_spec
+
+    root = tmp_path_factory.mktemp("watched")
+    raw = {**WATCHED_SPEC, "tracking": {"mlflow": {"uri": str(root / "mlruns")},
+                                        "wandb": {"project": "cifar-tune-tests", "mode": "offline", "dir": str(root / "wb")}}}
+    spec = parse_spec(raw, str(root / "watched.yaml"))
+    # metrics every 500 ms instead of 10 s, so a short search shows up on the endpoint
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+             _system_config={"metrics_report_interval_ms": 500})
+    scraped: list[str] = []
+    stop = threading.Event()
+
+    def scrape() -> None:  # as Prometheus would: every node's endpoint, repeatedly
+        while not stop.wait(0.5):
+            for url in tuner.metrics_export_urls():
+                try:
+                    text = urllib.request.urlopen(url, timeout=5).read().decode()
+                except OSError:
+                    continue
+                scraped.append("\n".join(ln for ln in text.splitlines() if "cifar_tune" in ln))
+
+    thread = threading.Thread(target=scrape, daemon=True)
+    thread.start()
+    lines: list[str] = []
+    try:
+        exp = run_search(spec, storage=str(root / "exp"), dashboard=False, out=lines.append)
+        stop.wait(1.5)  # one more export of the final values
+        stop.set()
+        thread.join()
+        logs_dir = Path(ray._private.worker._global_node.get_logs_dir_path())
+        worker_logs = "\n".join(p.read_text(errors="replace") for p in logs_dir.glob("worker-*.out"))
+    finally:
+        stop.set()
+        ray.shutdown()
+    return {"root": root, "exp": exp, "spec": spec, "out": lines, "metrics": scraped, "worker_logs": worker_logs}

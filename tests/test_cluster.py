@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -63,3 +64,48 @@ def test_search_runs_on_both_nodes_of_a_cluster(cluster: str, tmp_path: Path) ->
     print(trials[["trial_id", "status", "node_id"]].to_string())
     assert (trials.status == "completed").all()
     assert trials.node_id.nunique() == 2  # trials ran on the head and on the worker node
+
+
+@pytest.fixture
+def head_with_dashboard() -> Iterator[str]:
+    """A one-node cluster with the dashboard (the job server), every port of its own (others share this machine)."""
+    port, dash, agent = _free_port(), _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    head = [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+            f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats"]
+    try:
+        subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        _kill_cluster(port)
+
+
+def smoke_spec() -> dict:
+    return yaml.safe_load((Path(__file__).parents[1] / "search_spaces" / "smoke.yaml").read_text())
+
+
+def test_search_runs_as_a_ray_job(head_with_dashboard: str, tmp_path: Path) -> None:
+    """`ray job submit -- cifar-tune search ...`: the driver joins the job's cluster (RAY_ADDRESS) and the
+    live table, with each trial's worker lines named after the trial, is in the job's logs (the Jobs page)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    spec = smoke_spec()
+    spec["search"].update(num_samples=2, scheduler={"name": "fifo", "max_epochs": 2})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    submit = [RAY, "job", "submit", "--address", head_with_dashboard, "--",
+              sys.executable, "-m", "cifar_tune", "search", str(path), "--storage", str(tmp_path), "--progress-every", "1"]
+    deadline = time.monotonic() + 180
+    while True:  # the job agent takes a while to come up after `ray start` on a busy machine
+        proc = subprocess.run(submit, capture_output=True, text=True, timeout=300, env=env)
+        if "No available agent" not in proc.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    out = re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout)  # Ray colours the worker prefixes
+    assert "Ray cluster at" in out and "local Ray instance" not in out  # joined the job's cluster
+    assert "2/2 finished (2 completed)" in out  # the live table is in the job's logs
+    trials = pd.read_parquet(tmp_path / "smoke" / "trials.parquet")
+    for tid in trials.trial_id:
+        assert re.search(rf"\({tid}-\w+-\w+ pid=\d+\) cifar-tune: trial {tid}-", out), tid  # prefixed by the trial's name
+    assert (trials.status == "completed").all()

@@ -138,3 +138,69 @@ def test_varying_columns_survival_and_log_scale(tmp_path: Path) -> None:
     assert is_log_scale("config.optimizer.weight_decay", pd.Series([1e-5, 1e-3]))
     assert is_log_scale("config.x", pd.Series([1.0, 1000.0]))
     assert not is_log_scale("config.train.batch_size", pd.Series([32.0, 128.0]))
+
+
+# -------------------------------------------------------------------------------------- importance
+
+
+def _importance_tables(n: int = 120) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    """Trials whose epoch-2 metric depends on the optimizer and on sgd's lr only; batch size is noise."""
+    from cifar_tune.search import make_sampler
+    from cifar_tune.spec import parse_spec
+
+    raw = yaml.safe_load(SMOKE.read_text())
+    raw["space"]["optimizer"] = {"choice": [
+        {"name": "sgd", "lr": {"loguniform": [1e-4, 1.0]}, "momentum": 0.9},
+        {"name": "adam", "lr": {"loguniform": [1e-4, 1e-2]}},
+    ]}
+    raw["space"]["train"] = {"batch_size": {"choice": [32, 64, 128]}}
+    spec = parse_spec(raw)
+    sampler = make_sampler(spec)
+    rng = np.random.default_rng(0)
+    trials, epochs = [], []
+    for i in range(n):
+        cfg = sampler.sample(i).config
+        opt = cfg["optimizer"]
+        score = 0.7 if opt["name"] == "adam" else 0.95 - 0.1 * abs(np.log10(opt["lr"]) + 2)  # sgd best, at lr 1e-2
+        trials.append({"trial_id": f"t{i:04d}", "config": json.dumps(cfg)})
+        reached = 3 if i % 4 == 0 else 2 if i % 2 == 0 else 1  # ASHA-like: 120 at epoch 1, 60 at 2, 30 at 3
+        for e in range(1, reached + 1):
+            epochs.append({"trial_id": f"t{i:04d}", "epoch": e, "val_acc": score - 0.2 / e + rng.normal(0, 1e-3)})
+    return spec.space, pd.DataFrame(trials), pd.DataFrame(epochs)
+
+
+def test_importance_epoch_is_the_last_one_half_the_trials_reached() -> None:
+    from cifar_tune.report import importance_epoch
+
+    _, _, epochs = _importance_tables()
+    assert importance_epoch(epochs, "val_acc") == (2, 60, 120)
+    assert importance_epoch(epochs[epochs.trial_id < "t0004"], "val_acc") is None  # 4 trials: too few
+
+
+def test_importance_ranks_what_the_metric_depends_on_per_branch() -> None:
+    pytest.importorskip("optuna")
+    from cifar_tune.report import hyperparameter_importance
+
+    space, trials, epochs = _importance_tables()
+    sections = {s.title: s for s in hyperparameter_importance(space, trials, epochs, "val_acc", "max", epoch=2)}
+    overall = sections["all trials"]
+    # lr exists per branch only; the smoke space also chooses the model (irrelevant to this metric)
+    assert overall.trials == 60 and set(overall.values) == {"model", "optimizer", "train.batch_size"}
+    assert max(overall.values, key=overall.values.get) == "optimizer"
+    sgd = sections["optimizer = sgd"]
+    assert set(sgd.values) == {"model", "optimizer[sgd].lr", "train.batch_size"}
+    assert max(sgd.values, key=sgd.values.get) == "optimizer[sgd].lr"
+    assert sum(sgd.values.values()) == pytest.approx(1.0)
+    assert sections["optimizer = adam"].trials + sgd.trials == overall.trials
+
+
+def test_report_has_an_importance_section(tmp_path: Path) -> None:
+    pytest.importorskip("optuna")
+    exp = make_experiment(tmp_path)
+    text = build_report(exp, out=lambda s: None)
+    assert "## Hyperparameter importance" in text
+    from cifar_tune.report import importance_epoch
+
+    epoch, _, total = importance_epoch(exp.read_table("epochs.parquet"), "val_acc")
+    assert f"of val_acc at epoch {epoch}: the last epoch that at least half of the {total} trials" in text
+    assert "| `optimizer` |" in text  # the only parameter every trial of the hand-made search has that varies

@@ -136,7 +136,7 @@ def test_ray_lives_in_one_module() -> None:
         "import sys\n"
         "import cifar_tune.train, cifar_tune.trial, cifar_tune.data, cifar_tune.augment, cifar_tune.models, "
         "cifar_tune.optim, cifar_tune.spec, cifar_tune.space, cifar_tune.results, cifar_tune.search, cifar_tune.retrain, "
-        "cifar_tune.report\n"
+        "cifar_tune.report, cifar_tune.dashboard, cifar_tune.tracking, cifar_tune.searched\n"
         "from cifar_tune.results import run_metadata; run_metadata()\n"
         "assert 'ray' not in sys.modules, sorted(m for m in sys.modules if m.startswith('ray'))[:5]\n"
     )

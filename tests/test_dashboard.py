@@ -1,0 +1,165 @@
+"""Watching a search: the Optuna journal behind the trials dashboard, the page in a real browser,
+Ray's Prometheus metrics and the trial names in the workers' logs (one search: ``watched_search``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from cifar_tune import dashboard
+from cifar_tune.results import Experiment
+from cifar_tune.search import trial_label
+from cifar_tune.searched import searched_params
+
+optuna = pytest.importorskip("optuna")
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def _study(path: Path, name: str) -> Any:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(path))))
+
+
+def _tables(exp: Experiment) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return exp.read_table("trials.parquet"), exp.read_table("epochs.parquet")
+
+
+STATE = {"completed": "COMPLETE", "stopped": "PRUNED", "diverged": "FAIL", "error": "FAIL", "oom": "FAIL"}
+
+
+def check_journal_matches_tables(study: Any, trials: pd.DataFrame, epochs: pd.DataFrame, space: dict[str, Any]) -> None:
+    by_id = {t.user_attrs["trial_id"]: t for t in study.trials}
+    assert sorted(by_id) == sorted(trials.trial_id)
+    for row in trials.itertuples():
+        t = by_id[row.trial_id]
+        cfg = json.loads(row.config)
+        assert t.state.name == STATE[row.status], row.trial_id
+        assert t.user_attrs["status"] == row.status and t.user_attrs["name"] == trial_label(row.trial_id, cfg)
+        ep = epochs[epochs.trial_id == row.trial_id].dropna(subset=["val_acc"])
+        assert t.intermediate_values == dict(zip(ep.epoch.astype(int), ep.val_acc, strict=True))
+        assert t.params == {p.name: p.value for p in searched_params(space, cfg)}
+        if row.status == "completed":
+            assert t.value == pytest.approx(row.best_val_acc)
+        if row.status == "stopped":
+            assert t.user_attrs["stopped_at_epoch"] == row.epochs_run
+            assert t.value == pytest.approx(ep.val_acc.iloc[-1])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_search_writes_the_journal_as_the_tables_say(watched_search: dict[str, Any]) -> None:
+    exp, spec = watched_search["exp"], watched_search["spec"]
+    trials, epochs = _tables(exp)
+    study = _study(dashboard.journal_path(exp), exp.name)
+    check_journal_matches_tables(study, trials, epochs, spec.space)
+    assert set(trials.status) >= {"completed", "stopped"}  # ASHA stopped some: PRUNED is exercised
+    # the search prints where the journal is (no server with --no-dashboard)
+    assert any(ln.startswith("trials journal: ") and "cifar-tune dashboard watched" in ln for ln in watched_search["out"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_dashboard_command_rebuilds_a_journal_from_the_tables(watched_search: dict[str, Any], tmp_path: Path) -> None:
+    """An experiment without a journal (e.g. run without Optuna) gets one from its parquet files, equal to the live one."""
+    src = Path(watched_search["exp"].uri())
+    copy = tmp_path / "watched"
+    shutil.copytree(src, copy, ignore=shutil.ignore_patterns("optuna.journal", "ray", "wandb"))
+    exp = Experiment(str(tmp_path), "watched")
+    path = dashboard.ensure_journal(exp, out=lambda s: None)
+    trials, epochs = _tables(exp)
+    check_journal_matches_tables(_study(path, "watched"), trials, epochs, watched_search["spec"].space)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_trials_dashboard_in_a_real_browser(watched_search: dict[str, Any], tmp_path: Path) -> None:
+    if CHROMIUM is None:
+        pytest.skip("no chromium on this machine (.ci/run installs it)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    exp = watched_search["exp"]
+    n_trials = len(exp.read_table("trials.parquet"))
+    server = dashboard.make_server(dashboard.journal_path(exp), 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    problems: list[str] = []
+    try:
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("console", lambda m: problems.append(f"{m.type}: {m.text}") if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(f"pageerror: {e}"))
+            page.goto(dashboard.url(server), wait_until="networkidle")
+            page.get_by_text("watched").first.wait_for(timeout=30_000)  # the study list names the experiment
+            page.goto(dashboard.url(server) + "studies/0", wait_until="networkidle")
+            curves = page.locator(".js-plotly-plot", has_text="Step")  # the learning curves: x axis "Step"
+            curves.first.wait_for(timeout=30_000)
+            legend = curves.first.locator(".legendtext").all_text_contents()  # SVG text
+            # one curve per trial (every trial reported at least one epoch), each a line of its epochs
+            assert sorted(t.strip() for t in legend) == sorted(f"trial #{i}" for i in range(n_trials))
+            assert curves.first.locator(".scatterlayer .trace").count() == n_trials
+            page.screenshot(path=str(tmp_path / "trials_dashboard.png"), full_page=True)
+            browser.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert problems == []
+    assert (tmp_path / "trials_dashboard.png").stat().st_size > 10_000
+
+
+def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """Prometheus text lines of ``name`` -> (labels, value)."""
+    out = []
+    for ln in text.splitlines():
+        if ln.startswith(name + "{"):
+            labels_txt, value = ln[len(name) + 1:].rsplit("} ", 1)
+            labels = dict(kv.split("=", 1) for kv in labels_txt.split('",') if "=" in kv)
+            out.append(({k: v.strip('"') for k, v in labels.items()}, float(value)))
+    return out
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_trials_and_search_export_prometheus_metrics(watched_search: dict[str, Any]) -> None:
+    exp = watched_search["exp"]
+    trials, epochs = _tables(exp)
+    text = "\n".join(watched_search["metrics"])
+    names = {trial_label(r.trial_id, json.loads(r.config)): r for r in trials.itertuples()}
+    # per trial: the last epoch and validation metric it reported, tagged with its name
+    last_epoch: dict[str, float] = {}
+    for labels, v in _samples(text, "ray_cifar_tune_trial_epoch"):
+        assert labels["experiment"] == "watched"
+        last_epoch[labels["trial"]] = max(v, last_epoch.get(labels["trial"], 0))
+    assert last_epoch == {n: float(r.epochs_run) for n, r in names.items()}
+    accs = {lab["trial"]: v for lab, v in _samples(text, "ray_cifar_tune_trial_val_metric") if lab["metric"] == "val_acc"}
+    assert set(accs) == set(names)
+    assert all(any(math.isclose(v, a) for a in epochs.val_acc) for v in accs.values())
+    assert {lab["trial"] for lab, _ in _samples(text, "ray_cifar_tune_trial_images_per_s")} == set(names)
+    # per search: the last scrape has the final counts by status and the best metric
+    final = watched_search["metrics"][-1]
+    counts = {lab["status"]: v for lab, v in _samples(final, "ray_cifar_tune_search_trials")}
+    assert counts == {s: float((trials.status == s).sum()) for s in counts}
+    assert counts["completed"] + counts["stopped"] == len(trials)
+    (best,) = [v for lab, v in _samples(final, "ray_cifar_tune_search_best_metric")]
+    assert best == pytest.approx(trials.best_val_acc.max())
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_worker_logs_name_each_trial(watched_search: dict[str, Any]) -> None:
+    trials = watched_search["exp"].read_table("trials.parquet")
+    logs = watched_search["worker_logs"]
+    for r in trials.itertuples():
+        name = trial_label(r.trial_id, json.loads(r.config))
+        assert f"cifar-tune: trial {name} starting (experiment watched" in logs
+        assert f":actor_name:{name}" in logs  # Ray's log monitor prefixes the following lines with it
+
+
