@@ -253,6 +253,25 @@ class GaugeSink:
         pass
 
 
+class Facts:
+    """``tuner.TrialFacts`` from the trial log: what the trackers and TensorBoard record per trial."""
+
+    def __init__(self, log: TrialLog, space: dict[str, Any]) -> None:
+        self.log, self.space = log, space
+
+    def status(self, trial_id: str) -> str | None:
+        return self.log.rows[trial_id]["status"]
+
+    def hparams(self, trial_id: str) -> dict[str, Any]:
+        from cifar_tune.searched import searched_params
+
+        return {p.name: p.value for p in searched_params(self.space, json.loads(self.log.rows[trial_id]["config"]))}
+
+    def summary(self, trial_id: str) -> dict[str, float]:
+        r, m = self.log.rows[trial_id], self.log.metric
+        return {f"best_{m}": r.get(f"best_{m}"), f"last_{m}": r.get(f"last_{m}"), "epochs_run": r.get("epochs_run")}
+
+
 def leaderboard_lines(log: TrialLog, k: int = 10) -> list[str]:
     m = log.metric
     sign = -1 if log.mode == "max" else 1
@@ -398,9 +417,11 @@ def run_search(
     live = LiveTable(log, total, out, progress_every_s)
     events = Fanout(live, mirror, GaugeSink(log, tuner.SearchGauges(exp.name, spec.search.metric, GaugeSink.STATUSES)))
     mlflow_args, wandb_args = tracking.search_callback_args(spec.tracking, exp)
-    callbacks = tuner.tracking_callbacks(mlflow=mlflow_args, wandb=wandb_args, status_of=lambda tid: log.rows[tid]["status"])
+    facts = Facts(log, spec.space)
+    callbacks = [tuner.tensorboard_callback(facts),
+                 *tuner.tracking_callbacks(mlflow=mlflow_args, wandb=wandb_args, facts=facts)]
     setup = TrialSetup(data=spec.data, epochs=spec.search.scheduler.max_epochs, seed=spec.search.seed)
-    run_name = f"run-{int(time.time())}"
+    run_name = f"search-{time.strftime('%Y%m%d-%H%M%S')}"  # TensorBoard's runs: search-.../t0007-vgg-sgd
     interrupted = False
     try:
         if remaining:

@@ -72,8 +72,7 @@ def search_callback_args(tracking: TrackingSpec, exp: Experiment) -> tuple[dict[
             os.environ["WANDB_MODE"] = tracking.wandb.mode
         wandb = {"project": tracking.wandb.project, "group": exp.name, "mode": tracking.wandb.mode,
                  "dir": wandb_dir(tracking, exp), "job_type": "search",
-                 # one run per logging process: "create_new" (Ray's reinit=True is deprecated in W&B)
-                 "reinit": "create_new", "settings": {"silent": True}}
+                 "settings": {"silent": True}}  # not reinit="create_new": Ray's logging actor uses wandb.log
         if tracking.wandb.entity:
             wandb["entity"] = tracking.wandb.entity
     return mlflow, wandb

@@ -7,7 +7,9 @@ results store implements.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -389,8 +391,40 @@ def _tracked_result(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k != "config"}
 
 
+class TrialFacts(Protocol):
+    """What the driver knows about a trial that Ray does not: its status by our rules, its searched
+    parameters (every knob, list elements and branches included) and its summary metrics."""
+
+    def status(self, trial_id: str) -> str | None: ...
+    def hparams(self, trial_id: str) -> dict[str, Any]: ...
+    def summary(self, trial_id: str) -> dict[str, float]: ...
+
+
+def tensorboard_callback(facts: TrialFacts) -> Any:
+    """Ray's TensorBoard logger, with HParams that carry every searched knob (Ray's drops list values
+    and conditional names) and the summary metrics (best and last validation metric, epochs run), not
+    the last result. Runs are named by the trial directories: ``t0007-vgg-sgd``."""
+    from ray.tune.logger import TBXLoggerCallback
+
+    class _TensorBoard(TBXLoggerCallback):
+        def _try_log_hparams(self, trial: Any, result: dict[str, Any]) -> None:
+            from tensorboardX.summary import hparams
+
+            tid = trial.config["trial_id"]
+            params = {k: v if isinstance(v, str | bool | int | float) else json.dumps(v) for k, v in facts.hparams(tid).items()}
+            params["trial"] = str(trial)
+            metrics = {k: float(v) for k, v in facts.summary(tid).items() if isinstance(v, int | float) and math.isfinite(v)}
+            writer = self._trial_writer[trial]
+            for summary in hparams(hparam_dict=params, metric_dict=metrics):
+                writer.file_writer.add_summary(summary)
+            for k, v in metrics.items():  # the HParams tab reads each metric's value from a scalar of its name
+                writer.add_scalar(k, v, global_step=int(metrics.get("epochs_run", 0)))
+
+    return _TensorBoard()
+
+
 def tracking_callbacks(
-    *, mlflow: dict[str, Any] | None, wandb: dict[str, Any] | None, status_of: Callable[[str], str | None],
+    *, mlflow: dict[str, Any] | None, wandb: dict[str, Any] | None, facts: TrialFacts,
 ) -> list[Any]:
     """Ray Tune's MLflow / W&B logger callbacks: one run per trial (named like the trial), its config
     flattened as parameters, every epoch's metrics at step = epoch, and our final status
@@ -399,6 +433,7 @@ def tracking_callbacks(
     ``mlflow``: keyword arguments of ``MLflowLoggerCallback`` (tracking_uri, experiment_name);
     ``wandb``: of ``WandbLoggerCallback`` (project, group, mode, dir, entity).
     """
+    status_of = facts.status
     out: list[Any] = []
     if mlflow:
         from ray.air.integrations.mlflow import MLflowLoggerCallback

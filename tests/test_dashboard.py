@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import struct
 import threading
 from pathlib import Path
 from typing import Any
@@ -163,3 +164,47 @@ def test_worker_logs_name_each_trial(watched_search: dict[str, Any]) -> None:
         assert f":actor_name:{name}" in logs  # Ray's log monitor prefixes the following lines with it
 
 
+
+
+def read_hparams(events: Path) -> tuple[dict[str, Any], dict[str, float]]:
+    """The HParams session of one TensorBoard events file (TFRecord of Event protos): (hparams, metrics)."""
+    from tensorboardX.proto import event_pb2, plugin_hparams_pb2
+
+    data, pos = events.read_bytes(), 0
+    hparams: dict[str, Any] = {}
+    metrics: dict[str, float] = {}
+    while pos < len(data):
+        (length,) = struct.unpack("<Q", data[pos:pos + 8])
+        event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+        pos += 12 + length + 4  # length, its crc, the record, its crc
+        for v in event.summary.value:
+            if v.metadata.plugin_data.plugin_name == "hparams":
+                plugin = plugin_hparams_pb2.HParamsPluginData.FromString(v.metadata.plugin_data.content)
+                if plugin.HasField("session_start_info"):
+                    for k, val in plugin.session_start_info.hparams.items():
+                        hparams[k] = val.string_value if val.HasField("string_value") else (
+                            val.bool_value if val.HasField("bool_value") else val.number_value)
+            elif v.HasField("simple_value") or v.HasField("tensor"):
+                metrics[v.tag] = v.simple_value
+    return hparams, metrics
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_tensorboard_runs_carry_trial_names_every_knob_and_the_best_metric(watched_search: dict[str, Any]) -> None:
+    exp, spec = watched_search["exp"], watched_search["spec"]
+    trials = exp.read_table("trials.parquet")
+    runs = {}
+    for events in Path(exp.uri("ray")).rglob("events.out.tfevents*"):
+        hp, metrics = read_hparams(events)
+        if hp:
+            runs[events.parent.name] = (hp, metrics)
+    names = {trial_label(r.trial_id, json.loads(r.config)): r for r in trials.itertuples()}
+    assert sorted(runs) == sorted(names)  # one run per trial, named by the trial
+    for name, (hp, metrics) in runs.items():
+        row = names[name]
+        expected = {p.name: p.value for p in searched_params(spec.space, json.loads(row.config))}
+        assert hp == {**{k: v if isinstance(v, str) else pytest.approx(v) for k, v in expected.items()}, "trial": name}
+        assert any("[" in k for k in hp)  # list elements and branch knobs are there
+        assert metrics["best_val_acc"] == pytest.approx(row.best_val_acc)
+        assert metrics["epochs_run"] == row.epochs_run
