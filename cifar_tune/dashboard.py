@@ -120,7 +120,7 @@ class OptunaMirror:
         if epoch is not None and isinstance(value, int | float) and math.isfinite(value):
             self.storage.set_trial_intermediate_value(sid, int(epoch), float(value))
         self.storage.set_trial_user_attr(sid, "epochs_run", int(epoch or 0))
-        for k in ("node_id", "images_per_s", "gpu_memory_bytes"):
+        for k in ("node_id", "images_per_s", "device", "gpu_mem_peak_mb"):
             if metrics.get(k) is not None:
                 self.storage.set_trial_user_attr(sid, k, metrics[k])
 

@@ -146,11 +146,8 @@ def cifar_tune_trial(config: dict[str, Any], setup: Any, shared_data: Any = None
     gauges = _TrialGauges.get()
 
     def report(metrics: dict[str, Any]) -> None:
-        extra = {"node_id": node_id}
-        if (gpu := _gpu_memory_bytes()) is not None:
-            extra["gpu_memory_bytes"] = gpu
-        gauges.record(experiment, name, {**metrics, **extra})
-        tune.report({**metrics, **extra})
+        gauges.record(experiment, name, metrics)
+        tune.report({**metrics, "node_id": node_id})
 
     device, share = assigned_device()
     run_trial(config["config"], setup, trial_id=config["trial_id"], report=report, device=device, memory_fraction=share)
@@ -173,12 +170,6 @@ def announce_trial(name: str, experiment: str) -> None:
     print(f"cifar-tune: trial {name} starting (experiment {experiment}, pid {os.getpid()})", flush=True)
 
 
-def _gpu_memory_bytes() -> int | None:
-    import torch
-
-    return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
-
-
 class _TrialGauges:
     """Per-trial Prometheus gauges (Ray exports them on each node's metrics port as ``ray_<name>``)."""
 
@@ -192,7 +183,7 @@ class _TrialGauges:
         self.epoch = Gauge("cifar_tune_trial_epoch", "epochs finished by the trial", tag_keys=tags)
         self.val = Gauge("cifar_tune_trial_val_metric", "validation metric after the last epoch", tag_keys=(*tags, "metric"))
         self.speed = Gauge("cifar_tune_trial_images_per_s", "training images per second in the last epoch", tag_keys=tags)
-        self.gpu = Gauge("cifar_tune_trial_gpu_memory_bytes", "peak GPU memory allocated by the trial's process", tag_keys=tags)
+        self.gpu = Gauge("cifar_tune_trial_gpu_memory_peak_mb", "peak GPU memory of the trial (MiB, on GPU trials)", tag_keys=tags)
 
     @classmethod
     def get(cls) -> _TrialGauges:
@@ -209,8 +200,8 @@ class _TrialGauges:
                 self.val.set(float(m[k]), tags={**tags, "metric": k})
         if isinstance(m.get("images_per_s"), int | float):
             self.speed.set(float(m["images_per_s"]), tags=tags)
-        if m.get("gpu_memory_bytes") is not None:
-            self.gpu.set(float(m["gpu_memory_bytes"]), tags=tags)
+        if m.get("gpu_mem_peak_mb") is not None:
+            self.gpu.set(float(m["gpu_mem_peak_mb"]), tags=tags)
 
 
 class SearchGauges:
