@@ -95,7 +95,8 @@ class OptunaMirror:
                 self.numbers[tid] = t._trial_id
 
     # -- events --------------------------------------------------------------------------------
-    def trial_started(self, trial_id: str, config: dict[str, Any]) -> None:
+    def trial_started(self, trial_id: str, config: dict[str, Any], *, resumed_from_epoch: int = 0) -> None:
+        """A new attempt is a new Optuna trial; one restored from a checkpoint carries the epochs it keeps."""
         from cifar_tune.search import trial_label
 
         old = self.numbers.get(trial_id)
@@ -111,6 +112,9 @@ class OptunaMirror:
                  "max_epochs": self.log.max_epochs, "attempt": row.get("attempts"), "config": json.dumps(config)}
         for k, v in attrs.items():
             self.storage.set_trial_user_attr(sid, k, v)
+        for e in self.log.epochs:  # what the log kept of earlier attempts (none unless resumed)
+            if e["trial_id"] == trial_id:
+                self.trial_result(trial_id, e)
 
     def trial_result(self, trial_id: str, metrics: dict[str, Any]) -> None:
         sid = self.numbers.get(trial_id)
@@ -186,9 +190,7 @@ def mirror_from_tables(exp: Experiment, path: Path) -> int:
     for tid, row in sorted(log.rows.items(), key=lambda kv: kv[1]["sample_index"]):
         if row["status"] == "pending":
             continue
-        mirror.trial_started(tid, json.loads(row["config"]))
-        for e in sorted((e for e in log.epochs if e["trial_id"] == tid), key=lambda e: e["epoch"]):
-            mirror.trial_result(tid, e)
+        mirror.trial_started(tid, json.loads(row["config"]))  # replays the trial's epoch rows
         if row["status"] not in ("running",):
             mirror._finish(tid)
         n += 1

@@ -228,9 +228,9 @@ class Fanout:
         self.sinks = [s for s in sinks if s is not None]
 
     def __getattr__(self, event: str) -> Callable[..., None]:
-        def call(*args: Any) -> None:
+        def call(*args: Any, **kwargs: Any) -> None:
             for s in self.sinks:
-                getattr(s, event)(*args)
+                getattr(s, event)(*args, **kwargs)
 
         return call
 
@@ -243,7 +243,7 @@ class GaugeSink:
     def __init__(self, log: TrialLog, gauges: Any) -> None:
         self.log, self.gauges = log, gauges
 
-    def _update(self, *_: Any) -> None:
+    def _update(self, *_: Any, **__: Any) -> None:
         best = self.log.best()
         self.gauges.update(self.log.counts(), best[f"best_{self.log.metric}"] if best else None)
 
