@@ -208,3 +208,25 @@ def test_tensorboard_runs_carry_trial_names_every_knob_and_the_best_metric(watch
         assert any("[" in k for k in hp)  # list elements and branch knobs are there
         assert metrics["best_val_acc"] == pytest.approx(row.best_val_acc)
         assert metrics["epochs_run"] == row.epochs_run
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_dashboard_command_serves_an_experiment(watched_search: dict[str, Any]) -> None:
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    storage = Path(watched_search["exp"].uri()).parent
+    proc = subprocess.Popen([sys.executable, "-m", "cifar_tune", "dashboard", "watched", "--storage", str(storage),
+                             "--port", "0"], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # "trials dashboard for 'watched': http://127.0.0.1:PORT/dashboard/  (Ctrl-C ...)"
+        url = line.split(": ", 1)[1].split()[0]
+        assert url.startswith("http://127.0.0.1:")
+        studies = json.loads(urllib.request.urlopen(url.replace("/dashboard/", "/api/studies"), timeout=30).read())
+        assert [s["study_name"] for s in studies["study_summaries"]] == ["watched"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
