@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -261,6 +262,7 @@ def serve(exp: Experiment, port: int = DEFAULT_PORT, out: Any = print) -> None:
         raise UserError("cifar-tune dashboard needs optuna-dashboard: pip install 'cifar-tune[dashboard]'")
     server = make_server(ensure_journal(exp, out), port)
     out(f"trials dashboard for '{exp.name}': {url(server)}  (Ctrl-C to stop)")
+    sys.stdout.flush()  # the URL must show now, also through a pipe: serving blocks
     try:
         server.serve_forever()
     finally:

@@ -20,6 +20,11 @@ from typing import Any, Protocol
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # Diverged and out-of-memory trials report a last result without validation metrics.
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+# A reused actor waits for the previous trial's thread to stop (at its next report, i.e. up to one epoch)
+# before the next trial; Ray gives up after 2 s and fails the *next* trial ("Trainable runner reuse
+# requires reset_config() ...", seen under load when the scheduler stops a trial mid-epoch). Read by
+# the worker at reset time; this module is imported there to unpickle the trainable.
+os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "600")
 
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
