@@ -4,8 +4,9 @@ torchvision applies these policies to one image at a time (a Python loop, a host
 Here every image of a batch draws its own ops, magnitudes and signs as tensors, and one *slot* (one op
 per image) is applied to the whole batch at once:
 
-    geometric  ShearX/Y, TranslateX/Y, Rotate             one per-image inverse affine map, one nearest
-                                                           ``grid_sample`` (torchvision's own grid maths)
+    geometric  ShearX/Y, TranslateX/Y, Rotate             one per-image inverse affine map, nearest
+                                                           sampling as an integer gather on uint8
+                                                           (torchvision's grid and grid_sample's rounding)
     pixel      Color, Sharpness                            x * f + (gray | blur) * (1 - f), per-image f
     lookup     Brightness, Contrast, Posterize, Solarize,  a [C, 256] value table per image from its
                Invert, AutoContrast, Equalize              statistics (mean gray, min/max, histogram); one
@@ -27,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 
 from cifar_tune.augment import AUGMENTS, _integer, gray
 
@@ -176,7 +176,7 @@ def _geometric(x: torch.Tensor, code: torch.Tensor, mag: torch.Tensor) -> torch.
     The grid is torchvision's base grid times the per-image matrix rescaled to [-1, 1], written as
     broadcast products (a [B, HW, 3] x [B, 3, 2] ``bmm`` of tiny matrices is slower on CPU).
     """
-    b, _, h, w = x.shape
+    b, c, h, w = x.shape
     dev = x.device
     theta = _inverse_affine(code, mag.double(), h, w).float()
     # a constant copied without blocking: a blocking host->device copy is a host sync in the step loop
@@ -184,8 +184,14 @@ def _geometric(x: torch.Tensor, code: torch.Tensor, mag: torch.Tensor) -> torch.
     xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=dev).view(1, 1, w, 1)
     ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=dev).view(1, h, 1, 1)
     grid = xs * t[:, None, 0:1, :] + ys * t[:, None, 1:2, :] + t[:, None, 2:3, :]  # [B, H, W, 2]
-    out = F.grid_sample(x.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    return out.to(torch.uint8)  # nearest samples of integers (or 0): exact, no rounding needed
+    # grid_sample(mode="nearest", align_corners=False, zeros) on uint8 directly: its CPU kernel's
+    # unnormalisation (g + 1) * size / 2 - 0.5 in float32, rounded half to even, out of range -> 0
+    ix = grid[..., 0].add(1).mul_(w / 2).sub_(0.5).round_()
+    iy = grid[..., 1].add(1).mul_(h / 2).sub_(0.5).round_()
+    inside = (ix >= 0) & (ix <= w - 1) & (iy >= 0) & (iy <= h - 1)
+    src = (iy.clamp_(0, h - 1) * w + ix.clamp_(0, w - 1)).long().view(b, 1, h * w)
+    out = x.reshape(b, c, h * w).gather(2, src.expand(b, c, h * w)).view(b, c, h, w)
+    return out.mul_(inside.view(b, 1, h, w))
 
 
 def _gray(xf: torch.Tensor) -> torch.Tensor:
@@ -301,8 +307,10 @@ def apply_ops(x: torch.Tensor, code: torch.Tensor, mag: torch.Tensor,
 
 
 # the stages of apply_ops (0: Identity, nothing to do) and, per op code, the stage it belongs to
+# (the lookup ops that need image statistics get their own groups, so each group computes only its own)
 STAGE_OPS = (frozenset(("Identity",)), frozenset(GEOMETRIC), frozenset(("Color",)), frozenset(("Sharpness",)),
-             frozenset(LOOKUP))
+             frozenset(("Brightness", "Posterize", "Solarize", "Invert")), frozenset(("Contrast",)),
+             frozenset(("AutoContrast",)), frozenset(("Equalize",)))
 STAGE_OF = torch.tensor([next(i for i, ops in enumerate(STAGE_OPS) if op in ops) for op in OPS])
 GROUP_ON_CPU = True  # False: the accelerator path everywhere (tests use it to prove it never syncs)
 
