@@ -83,7 +83,7 @@ def _halving(trials: float, milestones: list[int], sched: SchedulerSpec) -> tupl
     rungs, alive, total, prev = [], float(trials), 0.0, 0
     for m in [*milestones, sched.max_epochs]:
         total += alive * (m - prev)
-        rungs.append(Rung(m, max(1, math.ceil(alive - 1e-9)) if trials else 0))
+        rungs.append(Rung(m, max(1, math.floor(alive + 0.5)) if trials else 0))  # expected count, half up
         alive /= sched.reduction_factor
         prev = m
     return tuple(rungs), total
