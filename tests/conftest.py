@@ -166,7 +166,7 @@ WATCHED_SPEC = {
     "name": "watched",
     "data": {"dataset": "synthetic", "synthetic": {"num_train": 600, "num_test": 100, "num_classes": 4, "image_size": 16}},
     "search": {
-        "num_samples": 8, "max_concurrent": 2, "seed": 3,
+        "num_samples": 6, "max_concurrent": 2, "seed": 3,
         "scheduler": {"name": "asha", "max_epochs": 3, "grace_period": 1, "reduction_factor": 2},
         "resources": {"cpus_per_trial": 1},
     },

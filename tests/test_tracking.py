@@ -159,7 +159,7 @@ def test_retrain_runs_are_logged_with_their_test_metrics(watched_search: dict[st
     pytest.importorskip("mlflow")
     pytest.importorskip("wandb")
     root = watched_search["root"]
-    code = main(["retrain", "watched", "--storage", str(root / "exp"), "--top", "2", "--epochs", "1",
+    code = main(["retrain", "watched", "--storage", str(root / "exp"), "--top", "1", "--epochs", "1",
                  "--num-cpus", "2", "--no-dashboard"])
     assert code == 0
     df = pd.read_parquet(root / "exp" / "watched" / "retrain.parquet")
