@@ -42,7 +42,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_preview(args: argparse.Namespace) -> int:
     from cifar_tune.budget import search_budget
-    from cifar_tune.search import make_sampler, num_trials
+    from cifar_tune.search import checkpoint_disk_line, make_sampler, num_trials
     from cifar_tune.spec import load_spec
 
     spec = load_spec(args.spec, args.set)
@@ -68,6 +68,12 @@ def cmd_preview(args: argparse.Namespace) -> int:
         f"  total epochs: ~{b.epochs_with_stopping:,} with early stopping vs {b.epochs_without_stopping:,} without "
         f"({b.saving:.0%} saved)"
     )
+    total = num_trials(spec)
+    drawn = [sampler.sample(i) for i in range(min(total, 200))]  # the rest extrapolated
+    rows = [{"params": d.params, "config": json.dumps(d.config)} for d in drawn] * (total // len(drawn)) + \
+        [{"params": d.params, "config": json.dumps(d.config)} for d in drawn[: total % len(drawn)]]
+    if line := checkpoint_disk_line(spec, rows, spec.search.max_concurrent or total):  # (unknown cluster: all at once)
+        print(f"  {line}")
     return EXIT_OK
 
 
@@ -143,7 +149,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"sample {args.index}: params={sample.params:,} config={_fmt_config(sample.config)}")
     data_mod.prepare(spec.data)
 
-    def report(m: dict[str, Any]) -> None:
+    def report(m: dict[str, Any], checkpoint: bytes | None = None) -> None:
         val = f" val_loss {m['val_loss']:.4f} val_acc {m['val_acc']:.4f}" if "val_acc" in m else ""
         print(f"epoch {m['epoch']:>3}  train_loss {m['train_loss']:.4f} train_acc {m['train_acc']:.4f}{val}"
               f"  lr {m['lr']:.2e}  {m['images_per_s']:,.0f} img/s  {m['epoch_time_s']:.1f}s", flush=True)
@@ -237,7 +243,7 @@ def _checkpoints(target: str, storage: str) -> list[str]:
 
     from cifar_tune.results import find_experiment
 
-    if Path(target).is_file() or target.endswith(".pt"):
+    if Path(target).is_file() or target.endswith(".pt") or (Path(target) / "trial.pt").is_file():  # (a search trial's)
         return [target]
     exp = find_experiment(storage, target)
     found = sorted(str(p) for p in exp.local_dir().glob("checkpoints/*.pt"))
@@ -352,13 +358,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root (default: experiments)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("evaluate", help="evaluate a retrain checkpoint: top-1, top-5 and loss")
-    p.add_argument("checkpoint", help="a checkpoints/<trial>_seed<s>.pt file written by retrain, or an experiment "
-                   "(its directory, or its name under --storage): all its checkpoints")
+    p = sub.add_parser("evaluate", help="evaluate a retrain or search-trial checkpoint: top-1, top-5 and loss")
+    p.add_argument("checkpoint", help="a checkpoints/<trial>_seed<s>.pt file written by retrain, a search trial's "
+                   "checkpoint (the `checkpoint` column of trials.parquet: a directory with trial.pt), or an "
+                   "experiment (its directory, or its name under --storage): all its retrain checkpoints")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root for an experiment name (default: experiments)")
     p.add_argument("--data", nargs="+", default=None, metavar="DATASET_OR_NPZ",
                    help="evaluate on these instead of the checkpoint's own data (a dataset name or an .npz file)")
-    p.add_argument("--split", choices=("test", "trainval"), default="test", help="default: test")
+    p.add_argument("--split", choices=("test", "trainval", "val"), default="test",
+                   help="default: test; val: the search's validation split (the checkpoint's data spec and split seed)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.set_defaults(func=cmd_evaluate)
 

@@ -132,6 +132,57 @@ def plot_val_curves(exp: Experiment, epochs: pd.DataFrame, trials: pd.DataFrame,
     return _save(exp, fig, "report_val_curves.png")
 
 
+def pbt_lineage(epochs: pd.DataFrame) -> list[dict[str, Any]]:
+    """One entry per PBT exploit, in epoch order: which trial copied which, at which epoch, with what
+    new values (from ``restored_from`` / ``config_changes`` of epochs.parquet)."""
+    if "restored_from" not in epochs:
+        return []
+    rows = epochs[epochs["restored_from"].notna()].sort_values(["epoch", "trial_id"])
+    return [{"trial_id": str(r.trial_id), "epoch": int(r.epoch), "from": str(r.restored_from),
+             "changes": json.loads(r.config_changes) if isinstance(r.config_changes, str) else {}}
+            for r in rows.itertuples()]
+
+
+def _lineage_table(events: list[dict[str, Any]], k: int = 30) -> list[str]:
+    lines = ["| epoch | trial | copied | new values |", "|---:|---|---|---|"]
+    for ev in events[:k]:
+        vals = ", ".join(f"{key}={v:.4g}" if isinstance(v, float) else f"{key}={v}" for key, v in ev["changes"].items())
+        lines.append(f"| {ev['epoch']} | {ev['trial_id']} | {ev['from']} | {vals or '(same config)'} |")
+    if len(events) > k:
+        lines.append(f"| | | | ... {len(events) - k} more in epochs.parquet |")
+    return lines
+
+
+def plot_pbt(exp: Experiment, epochs: pd.DataFrame, metric: str, events: list[dict[str, Any]]) -> str:
+    """Left: the metric per trial, with an arrow from the copied trial to the copier at each exploit
+    (the curves jump there). Right: the learning rate each trial trained with, stepping at exploits."""
+    plt = _pyplot()
+    fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(13, 5))
+    curves = {tid: g.sort_values("epoch") for tid, g in epochs.groupby("trial_id")}
+    colors = {tid: plt.cm.tab10(i % 10) for i, tid in enumerate(sorted(curves))}
+    for tid, g in curves.items():
+        ax.plot(g["epoch"], g[metric], color=colors[tid], linewidth=1.2, label=tid)
+        ax_lr.step(g["epoch"], g["lr"], where="post", color=colors[tid], linewidth=1.2)
+    for ev in events:
+        donor = curves.get(ev["from"])
+        mine = curves[ev["trial_id"]].set_index("epoch")
+        before = donor[donor["epoch"] <= ev["epoch"] - 1] if donor is not None else None
+        if before is None or not len(before) or ev["epoch"] not in mine.index:
+            continue
+        x0, y0 = before["epoch"].iloc[-1], before[metric].iloc[-1]
+        ax.annotate("", xy=(ev["epoch"], mine.loc[ev["epoch"], metric]), xytext=(x0, y0),
+                    arrowprops={"arrowstyle": "->", "color": colors[ev["trial_id"]], "lw": 1.4})
+        ax_lr.plot([ev["epoch"]], [mine.loc[ev["epoch"], "lr"]], "o", color=colors[ev["trial_id"]], markersize=4)
+    ax.set(xlabel="epoch", ylabel=metric, title=f"PBT: {metric} per trial; arrows: copied trial -> copier")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    if (epochs["lr"] > 0).all():
+        ax_lr.set_yscale("log")
+    ax_lr.set(xlabel="epoch", ylabel="lr", title="learning rate in force (dots: after an exploit)")
+    ax_lr.grid(alpha=0.3)
+    return _save(exp, fig, "report_pbt_lineage.png")
+
+
 def survival_counts(trials: pd.DataFrame, max_epochs: int) -> list[int]:
     """Trials still training at each epoch 1..max_epochs (a trial that ran e epochs is alive at 1..e)."""
     ran = pd.to_numeric(trials["epochs_run"], errors="coerce").fillna(0)
@@ -456,6 +507,11 @@ def build_report(exp: Experiment, out: Printer = print) -> str:
     if metric in epochs and len(epochs):
         md += _image("Validation curves", plot_val_curves(exp, epochs, trials, metric, best_id),
                      "Every trial's validation metric per epoch; trials stopped early by the scheduler end early. Black: the top-ranked trial.")
+    if events := pbt_lineage(epochs):
+        md += _image("PBT lineage", plot_pbt(exp, epochs, metric, events),
+                     f"{len(events)} exploits: a trial in the bottom quantile copied the checkpoint (weights, optimizer, RNGs) "
+                     "and config of a top trial, then perturbed the mutated keys. Each row below is one copy.")
+        md += [*_lineage_table(events), ""]
     md += _image("Rung survival", plot_survival(exp, trials, stored),
                  "How many trials were still training at each epoch; dashed lines mark the scheduler's rungs.")
     md += _image("Hyperparameters vs. the metric", plot_hyperparameters(exp, trials, cols, score_col),

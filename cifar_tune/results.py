@@ -34,6 +34,7 @@ EPOCH_KEYS = (
     "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr",
     "train_time_s", "epoch_time_s", "images_per_s", "status", "node_id", "pid", "worker_data_loads",
     "device", "gpu_mem_peak_mb", "ended_at",
+    "restored_from", "config_changes",
 )
 EPOCH_COLUMNS = ("trial_id", *EPOCH_KEYS, "attempt")  # attempt: which start of the trial wrote the row
 
@@ -107,9 +108,19 @@ class Storage:
     def read_table(self, rel: str) -> pd.DataFrame:
         return pq.read_table(io.BytesIO(self.read_bytes(rel))).to_pandas()
 
-    def list_dirs(self) -> list[tuple[str, float]]:
-        sel = pafs.FileSelector(self.base, allow_not_found=True)
+    def list_dirs(self, rel: str = "") -> list[tuple[str, float]]:
+        sel = pafs.FileSelector(self.path(rel) if rel else self.base, allow_not_found=True)
         return [(i.base_name, i.mtime.timestamp() if i.mtime else 0.0) for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.Directory]
+
+    def delete_dir(self, rel: str) -> None:
+        if self.exists(rel):
+            self.fs.delete_dir(self.path(rel))
+
+    def relative(self, fs_path: str) -> str | None:
+        """A path on this storage's filesystem (as Ray Tune reports it) relative to the root, if inside."""
+        base = os.path.normpath(self.base) if self.local else self.base.rstrip("/")
+        fs_path = os.path.normpath(fs_path) if self.local else fs_path
+        return fs_path[len(base) + 1 :] if fs_path.startswith(base + "/") else None
 
 
 def _parquet_safe(df: pd.DataFrame) -> pd.DataFrame:
@@ -174,6 +185,16 @@ class Experiment:
 
     def read_table(self, rel: str) -> pd.DataFrame:
         return self.storage.read_table(f"{self.rel}/{rel}")
+
+    def relative(self, fs_path: str) -> str | None:
+        rel = self.storage.relative(fs_path)
+        return rel[len(self.rel) + 1 :] if rel and rel.startswith(self.rel + "/") else None
+
+    def delete_dir(self, rel: str) -> None:
+        self.storage.delete_dir(f"{self.rel}/{rel}")
+
+    def list_dirs(self, rel: str) -> list[str]:
+        return [name for name, _ in self.storage.list_dirs(f"{self.rel}/{rel}")]
 
     def local_dir(self) -> Path:
         """For outputs that need a real directory (plots, checkpoints) on local storage."""
@@ -314,6 +335,7 @@ class TrialLog:
         self.rows: dict[str, dict[str, Any]] = {}
         self._epochs: dict[str, list[dict[str, Any]]] = {}
         self._last_flush = 0.0
+        self._last_change = 0.0  # a throttled flush skipped changes made at this time
         if trials is not None:
             for row in trials.to_dict("records"):
                 self.rows[row["trial_id"]] = {k: (None if _isna(v) else v) for k, v in row.items()}
@@ -350,9 +372,13 @@ class TrialLog:
         }
         self._summarise(trial_id)
 
-    def trial_started(self, trial_id: str, config: dict[str, Any], *, resumed_from_epoch: int = 0) -> None:
-        """A new attempt: epoch rows after ``resumed_from_epoch`` (all, without a checkpoint) are dropped."""
+    def trial_started(self, trial_id: str, config: dict[str, Any], *, resumed_from_epoch: int | None = None) -> None:
+        """A new attempt: epoch rows after ``resumed_from_epoch`` (all, without a checkpoint) are dropped.
+        By default that is the trial's last checkpoint: where a retry (Tune restores it) or a resumed
+        search (``--resume`` passes it) continues."""
         row = self.rows[trial_id]
+        if resumed_from_epoch is None:
+            resumed_from_epoch = int(row.get("checkpoint_epoch") or 0) if row.get("checkpoint") else 0
         row.update(status="running", started_at=time.time(), ended_at=None, error=None, attempts=(row.get("attempts") or 0) + 1)
         self._epochs[trial_id] = [e for e in self._epochs.get(trial_id, []) if e["epoch"] <= resumed_from_epoch]
         self._summarise(trial_id)
@@ -366,11 +392,51 @@ class TrialLog:
             return
         epoch_row = {"trial_id": trial_id, **{k: metrics.get(k) for k in EPOCH_KEYS}, "attempt": row.get("attempts")}
         epoch_row["epoch"] = int(epoch_row["epoch"])
+        if metrics.get("config_json"):  # continued from a checkpoint: did PBT change the config in force?
+            before, now = flatten(json.loads(row["config"]), ""), flatten(json.loads(metrics["config_json"]), "")
+            changes = {k.lstrip("."): v for k, v in now.items() if k not in before or before[k] != v}
+            if changes:  # the epoch row says what changed; the trial row keeps the config in force
+                epoch_row["config_changes"] = json.dumps(changes, sort_keys=True)
+                row.update(config=metrics["config_json"], **flatten(json.loads(metrics["config_json"])))
         # an epoch reported again (a restored attempt) replaces the earlier attempt's row and those after it
         rows = [e for e in self._epochs.get(trial_id, []) if e["epoch"] < epoch_row["epoch"]]
         self._epochs[trial_id] = [*rows, epoch_row]
         self._summarise(trial_id)
         self.flush()
+
+    def trial_resumed(self, trial_id: str) -> None:
+        """Continued after a pause (hyperband) or a PBT exploit: the same attempt."""
+        self.rows[trial_id]["status"] = "running"
+
+    def trial_checkpoint(self, trial_id: str, fs_path: str, epoch: int) -> None:
+        """Tune saved a checkpoint: remember the latest (``--resume`` continues from it)."""
+        rel = self.exp.relative(fs_path)
+        if rel is None:
+            return
+        row = self.rows[trial_id]
+        previous = row.get("checkpoint")
+        row.update(checkpoint=rel, checkpoint_epoch=epoch)
+        if previous and previous.rsplit("/", 1)[0] != rel.rsplit("/", 1)[0]:
+            self._delete_checkpoints(trial_id, keep=rel, runs_other_than=rel.split("/")[1])  # Tune trims its own run's only
+        self.flush()
+
+    def _delete_checkpoints(self, trial_id: str, keep: str, runs_other_than: str | None = None) -> None:
+        """Delete this trial's checkpoints in ``ray/<run>/<trial_id>-*/`` but ``keep``."""
+        for run in self.exp.list_dirs("ray"):
+            if run == runs_other_than:
+                continue
+            for trial_dir in self.exp.list_dirs(f"ray/{run}"):
+                if trial_dir.startswith(f"{trial_id}-"):
+                    for name in self.exp.list_dirs(f"ray/{run}/{trial_dir}"):
+                        rel = f"ray/{run}/{trial_dir}/{name}"
+                        if name.startswith("checkpoint_") and rel != keep:
+                            self.exp.delete_dir(rel)
+
+    def _keep_last_checkpoint(self, trial_id: str) -> None:
+        """A finished trial keeps one checkpoint, its latest (``cifar-tune evaluate`` reads it)."""
+        latest = self.rows[trial_id].get("checkpoint")
+        if latest:
+            self._delete_checkpoints(trial_id, keep=latest)
 
     def trial_finished(self, trial_id: str, last: dict[str, Any]) -> None:
         row = self.rows[trial_id]
@@ -378,12 +444,14 @@ class TrialLog:
         if status not in ("diverged", "oom"):
             status = "completed" if (row.get("epochs_run") or 0) >= self.max_epochs else "stopped"
         row.update(status=status, ended_at=time.time(), error=last.get("error"))
+        self._keep_last_checkpoint(trial_id)
         self.flush(force=True)
 
     def trial_errored(self, trial_id: str, message: str) -> None:
         row = self.rows[trial_id]
         oom = "out of memory" in message.lower()
         row.update(status="oom" if oom else "error", error=message, ended_at=time.time())
+        self._keep_last_checkpoint(trial_id)
         self.flush(force=True)
 
     def trial_retried(self, trial_id: str) -> None:
@@ -416,9 +484,13 @@ class TrialLog:
     def epochs_frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.epochs, columns=EPOCH_COLUMNS)
 
-    def flush(self, force: bool = False) -> None:
+    def flush(self, force: bool = False, *, idle: bool = False) -> None:
+        """``idle``: only write what a throttled flush left unwritten (the driver's loop calls it)."""
         now = time.monotonic()
+        if idle and self._last_flush >= self._last_change:
+            return
         if not force and now - self._last_flush < self.flush_every_s:
+            self._last_change = now
             return
         self._last_flush = now
         self.exp.write_table("epochs.parquet", self.epochs_frame())

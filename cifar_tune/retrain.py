@@ -35,10 +35,10 @@ from cifar_tune import tracking
 from cifar_tune.errors import ErrorList, UserError
 from cifar_tune.results import Experiment
 from cifar_tune.spec import DataSpec, RetrainSpec, SearchSpec, TrackingSpec, parse_dataclass
+from cifar_tune.trial import CHECKPOINT_FILE, CHECKPOINT_FORMAT
 
 Printer = Callable[[str], None]
 ELIGIBLE = ("completed", "stopped")  # diverged/error/oom/pending/running/interrupted cannot be ranked
-CHECKPOINT_FORMAT = "cifar-tune-checkpoint/1"
 
 
 # ------------------------------------------------------------------------------------ stored spec
@@ -242,6 +242,8 @@ def _checkpoint_bytes(ckpt: dict[str, Any]) -> bytes:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir() and (p / CHECKPOINT_FILE).is_file():  # a search trial's Ray Tune checkpoint directory
+        p = p / CHECKPOINT_FILE
     if not p.is_file():
         raise UserError(f"{p}: no such checkpoint file")
     try:
@@ -560,7 +562,10 @@ def evaluate_checkpoint(ckpt: dict[str, Any], data: DataSpec, split: str, where:
     device = device or parse_device(None)
     model.to(device)
     data_mod.prepare(data)
-    part = data_mod.load_test(data) if split == "test" else data_mod.load_trainval(data)
+    if split == "val":  # the search's validation split: same data spec, same seeded split
+        part = data_mod.load_splits(data)[1]
+    else:
+        part = data_mod.load_test(data) if split == "test" else data_mod.load_trainval(data)
     ev = evaluate(model, part, mean=tuple(ckpt["mean"]), std=tuple(ckpt["std"]), num_classes=want[0], device=device)
     return CheckpointEval(data=data, split=split, top1=ev.top1, top5=ev.top5, loss=ev.loss, num_images=ev.num_images)
 
@@ -570,7 +575,8 @@ def run_evaluate(path: str, data_values: list[str] | None, split: str, out: Prin
     ckpt = load_checkpoint(path)
     base = data_spec_from_dict(ckpt["data"], path)
     targets = [override_data(base, v) for v in data_values] if data_values else [base]
-    out(f"{path}: {ckpt['trial_id']} seed {ckpt['seed']}, {ckpt['epochs']} epochs, {summarize_config(ckpt['config'])}")
+    what = "search trial, after" if "trainer" in ckpt else f"seed {ckpt['seed']},"
+    out(f"{path}: {ckpt['trial_id']} {what} {ckpt['epochs']} epochs, {summarize_config(ckpt['config'])}")
     results = []
     for data in targets:
         r = evaluate_checkpoint(ckpt, data, split, path, device)

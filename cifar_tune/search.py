@@ -178,8 +178,17 @@ class LiveTable:
     def trial_started(self, trial_id: str, config: dict[str, Any]) -> None:
         self.log.trial_started(trial_id, config)
 
+    def trial_resumed(self, trial_id: str) -> None:
+        self.log.trial_resumed(trial_id)
+
     def trial_result(self, trial_id: str, metrics: dict[str, Any]) -> None:
         self.log.trial_result(trial_id, metrics)
+        if metrics.get("restored_from"):
+            changes = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in json.loads(metrics.get("config_changes") or "{}").items())
+            self.out(f"  {trial_id} continues from {metrics['restored_from']}'s checkpoint at epoch {metrics.get('epoch')}" + (f" with {changes}" if changes else ""))
+
+    def trial_checkpoint(self, trial_id: str, path: str, epoch: int) -> None:
+        self.log.trial_checkpoint(trial_id, path, epoch)
 
     def trial_finished(self, trial_id: str, last: dict[str, Any]) -> None:
         self.log.trial_finished(trial_id, last)
@@ -194,6 +203,7 @@ class LiveTable:
         self.out(f"  {trial_id} failed; retrying")
 
     def tick(self) -> None:
+        self.log.flush(idle=True)  # a checkpoint or result the throttle held back reaches the disk
         if time.monotonic() - self._last_print >= self.every_s:
             self.print_table()
 
@@ -221,6 +231,39 @@ class LiveTable:
                 self.out(f"    {trial_label(r['trial_id'], json.loads(r['config'])):<28} epoch {r.get('epochs_run', 0):>3}/{r['max_epochs']}  {val_txt}")
 
 
+# ------------------------------------------------------------------------------------ checkpoints
+
+# optimizer state per parameter, in parameter-sized tensors (Adam: two moments; SGD: momentum buffer)
+OPTIMIZER_SLOTS = {"sgd": 1, "adam": 2, "adamw": 2, "rmsprop": 2, "adagrad": 1}
+
+
+def checkpoint_bytes(params: int, optimizer: str) -> int:
+    """About what one trial checkpoint takes: fp32 weights plus optimizer state (buffers, RNGs and
+    history are small next to them)."""
+    return 4 * params * (1 + OPTIMIZER_SLOTS.get(optimizer, 2)) + 64 * 1024
+
+
+def checkpoint_disk(spec: Spec, trials: list[dict[str, Any]], concurrent: int) -> tuple[float, float, float]:
+    """(MB per checkpoint on average, MB at the end: one per trial, MB at most while running)."""
+    sizes = [checkpoint_bytes(int(t.get("params") or 0), json.loads(t["config"]).get("optimizer", {}).get("name", "sgd")) for t in trials]
+    if not sizes:
+        return 0.0, 0.0, 0.0
+    keep = spec.search.checkpoint.resolved_keep(spec.search.scheduler.name)
+    avg = sum(sizes) / len(sizes)
+    largest = sorted(sizes, reverse=True)[: max(1, concurrent)]
+    peak = sum(sizes) + (keep - 1) * sum(largest)  # running trials hold up to `keep` each
+    return avg / 1e6, sum(sizes) / 1e6, peak / 1e6
+
+
+def checkpoint_disk_line(spec: Spec, trials: list[dict[str, Any]], concurrent: int) -> str | None:
+    ck = spec.search.checkpoint
+    if ck.every_epochs == 0 or not trials:
+        return None
+    avg, end, peak = checkpoint_disk(spec, trials, concurrent)
+    return (f"checkpoints every {ck.every_epochs} epoch(s), keep {ck.resolved_keep(spec.search.scheduler.name)} per running trial: "
+            f"~{avg:.1f} MB each, ~{end:.0f} MB on disk at the end (one per trial), up to ~{peak:.0f} MB while running")
+
+
 class Fanout:
     """The events sink Ray sees: the live table first (it records the statuses the others read)."""
 
@@ -229,8 +272,9 @@ class Fanout:
 
     def __getattr__(self, event: str) -> Callable[..., None]:
         def call(*args: Any, **kwargs: Any) -> None:
-            for s in self.sinks:
-                getattr(s, event)(*args, **kwargs)
+            for s in self.sinks:  # a sink implements the events it cares about (checkpoints: the log only)
+                if (handler := getattr(s, event, None)) is not None:
+                    handler(*args, **kwargs)
 
         return call
 
@@ -318,8 +362,11 @@ def _plan(spec: Spec, exp: Experiment, resume: bool, out: Printer) -> tuple[Tria
         trials = exp.read_table("trials.parquet") if exp.has("trials.parquet") else None
         epochs = exp.read_table("epochs.parquet") if exp.has("epochs.parquet") else None
         log = TrialLog(exp, trials=trials, epochs=epochs, **kw)
-        # unfinished trials are rerun from scratch: forget their partial epochs
-        log.epochs = [e for e in log.epochs if log.rows[e["trial_id"]]["status"] in FINISHED]
+        # an unfinished trial continues from its last checkpoint: keep its epochs up to it, forget the rest
+        def kept(e: dict[str, Any]) -> bool:
+            r = log.rows[e["trial_id"]]
+            return r["status"] in FINISHED or (bool(r.get("checkpoint")) and (e["epoch"] or 0) <= (r.get("checkpoint_epoch") or 0))
+        log.epochs = [e for e in log.epochs if kept(e)]  # (summaries follow the kept rows)
     else:
         log = TrialLog(exp, **kw)
     finished = {tid for tid, r in log.rows.items() if r["status"] in FINISHED}
@@ -328,7 +375,9 @@ def _plan(spec: Spec, exp: Experiment, resume: bool, out: Printer) -> tuple[Tria
         if tid not in finished:
             todo.append((tid, json.loads(r["config"])))
     if resume:
-        out(f"resuming '{exp.name}': {len(finished)} finished trials kept, {len(todo)} unfinished rerun")
+        cont = [t for t, _ in todo if log.rows[t].get("checkpoint")]
+        out(f"resuming '{exp.name}': {len(finished)} finished trials kept, {len(cont)} unfinished continue from their "
+            f"last checkpoint, {len(todo) - len(cont)} rerun")
     next_index = max((r["sample_index"] for r in log.rows.values()), default=-1) + 1
     if spec.search.algorithm != "optuna":
         sampler = make_sampler(spec)
@@ -412,6 +461,8 @@ def run_search(
         f"({resources['cpu']:g} CPU" + (f", {resources['gpu']:g} GPU" if resources["gpu"] else "") + " each), "
         f"{spec.search.scheduler.name} up to {spec.search.scheduler.max_epochs} epochs; results in {exp.uri()}"
     )
+    if (disk := checkpoint_disk_line(spec, [log.rows[t] for t, _ in todo], max_concurrent)) is not None:
+        out(disk)
     if remaining == 0:
         out("nothing to run: every trial has finished")
     live = LiveTable(log, total, out, progress_every_s)
@@ -420,7 +471,9 @@ def run_search(
     facts = Facts(log, spec.space)
     callbacks = [tuner.tensorboard_callback(facts),
                  *tuner.tracking_callbacks(mlflow=mlflow_args, wandb=wandb_args, facts=facts)]
-    setup = TrialSetup(data=spec.data, epochs=spec.search.scheduler.max_epochs, seed=spec.search.seed)
+    setup = TrialSetup(data=spec.data, epochs=spec.search.scheduler.max_epochs, seed=spec.search.seed,
+                       checkpoint_every=spec.search.checkpoint.every_epochs)
+    resume_from = {tid: exp.uri(log.rows[tid]["checkpoint"]) for tid, _ in todo if log.rows[tid].get("checkpoint")}
     run_name = f"search-{time.strftime('%Y%m%d-%H%M%S')}"  # TensorBoard's runs: search-.../t0007-vgg-sgd
     interrupted = False
     try:
@@ -428,12 +481,18 @@ def run_search(
             tuner.run_search(
                 setup=setup, source=source, events=events, scheduler=spec.search.scheduler,
                 metric=spec.search.metric, mode=spec.search.resolved_mode, resources=resources,
-                num_trials=remaining, max_concurrent=max_concurrent, max_failures=spec.search.max_failures,
+                # a trial paused by hyperband (or synch pbt) counts against Tune's concurrency limit, so
+                # without one set by the user the resources alone limit them (else brackets never halve)
+                num_trials=remaining, max_failures=spec.search.max_failures,
+                max_concurrent=None if spec.search.scheduler.name in ("hyperband", "pbt") and not spec.search.max_concurrent else max_concurrent,
                 storage_path=exp.uri("ray"), run_name=run_name,
                 trial_names=lambda c: trial_label(c["trial_id"], c["config"]),
                 # loaded once here and shared zero-copy: workers skip reading/generating it
                 shared_data=data_mod.training_arrays(spec.data),
                 experiment=exp.name, callbacks=callbacks,
+                keep_checkpoints=spec.search.checkpoint.resolved_keep(spec.search.scheduler.name),
+                resume_from=resume_from,
+                population=list(todo) if spec.search.scheduler.name == "pbt" else None,
             )
     except KeyboardInterrupt:
         interrupted = True

@@ -176,6 +176,19 @@ def draw(dist: Dist, rng: random.Random) -> Any:
     raise AssertionError(k)
 
 
+def clip(dist: Dist, value: Any) -> Any:
+    """``value`` moved into the distribution's support: PBT perturbs by factors (x0.8, x1.2), which
+    would otherwise walk a momentum past 1 or a label smoothing past its range."""
+    k, a = dist.kind, dist.args
+    if k in ("uniform", "loguniform"):
+        return min(max(float(value), a[0]), a[1])
+    if k in ("quniform", "qloguniform"):
+        return min(max(_quantize(float(value), a[2]), _quantize(a[0], a[2])), _quantize(a[1], a[2]))
+    if k in ("randint", "lograndint"):
+        return min(max(int(round(value)), a[0]), a[1] - 1)
+    return value  # choice: PBT only shifts to a neighbouring option; normal: unbounded
+
+
 def _quantize(x: float, q: float) -> float | int:
     v = round(x / q) * q
     # keep integers integral (quniform [16, 256, 16] gives ints) and avoid 0.30000000000000004

@@ -52,11 +52,31 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class SchedulerSpec:
-    name: Literal["asha", "fifo", "median", "hyperband"] = "asha"
+    name: Literal["asha", "fifo", "median", "hyperband", "pbt"] = "asha"
     max_epochs: int = field(default=10, metadata=_check(lambda v: v >= 1, "must be >= 1"))
     grace_period: int = field(default=1, metadata=_check(lambda v: v >= 1, "must be >= 1"))
     reduction_factor: float = field(default=2.0, metadata=_check(lambda v: v > 1, "must be > 1"))
     brackets: int = field(default=1, metadata=_check(lambda v: v >= 1, "must be >= 1"))
+    # pbt (Ray's PopulationBasedTraining): every perturbation_interval epochs a trial in the bottom
+    # quantile_fraction copies the checkpoint of one in the top and perturbs (x0.8 / x1.2, or a
+    # neighbouring choice) or, with resample_probability, redraws the keys in ``mutations``
+    perturbation_interval: int = field(default=2, metadata=_check(lambda v: v >= 1, "must be >= 1"))
+    quantile_fraction: float = field(default=0.25, metadata=_check(lambda v: 0 < v <= 0.5, "must be in (0, 0.5]"))
+    resample_probability: float = field(default=0.25, metadata=_check(lambda v: 0 <= v <= 1, "must be in [0, 1]"))
+    synch: bool = False  # true: all trials wait at each interval (no trial skips epochs by copying a faster one)
+    mutations: dict[str, Any] = field(default_factory=dict)  # a tree like space: {optimizer: {lr: {loguniform: [..]}}}
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """Trial checkpoints through Ray Tune; needed by hyperband (pause) and pbt (exploit)."""
+
+    every_epochs: int = field(default=1, metadata=_check(lambda v: v >= 0, "must be >= 0 (0: no checkpoints)"))
+    keep: int | None = field(default=None, metadata=_check(lambda v: v >= 1, "must be >= 1"))  # None: 2, pbt 4
+
+    def resolved_keep(self, scheduler: str) -> int:
+        # PBT copies another trial's latest checkpoint: keep a few so it is not deleted before the copy
+        return self.keep or (4 if scheduler == "pbt" else 2)
 
 
 @dataclass(frozen=True)
@@ -82,6 +102,7 @@ class SearchSpec:
     max_failures: int = field(default=0, metadata=_check(lambda v: v >= 0, "must be >= 0"))
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
 
     @property
     def resolved_mode(self) -> str:
@@ -598,6 +619,7 @@ def parse_spec(raw: Any, source: str = "<spec>", *, check_budget: bool = True) -
     sched = search.scheduler
     if sched.grace_period > sched.max_epochs:
         errors.add("search.scheduler.grace_period", f"must be <= max_epochs ({sched.max_epochs}), got {sched.grace_period}")
+    _check_checkpointing(search, errors)
 
     info = _dataset_info(data, errors)
     if info is not None and data.subset is not None:  # counts alone (no labels read): see data.check_split
@@ -617,6 +639,8 @@ def parse_spec(raw: Any, source: str = "<spec>", *, check_budget: bool = True) -
     space = {k: parse_tree(v, f"space.{k}", errors) for k, v in space_raw.items()}
     if not errors:
         check_space(space, info, search.algorithm, search.seed, errors)
+    if not errors and sched.mutations:
+        check_mutations(sched.mutations, space, info, errors)
     merged = {**SPACE_DEFAULTS, **space}
     full_space = {k: merged[k] for k in SPACE_KEYS if k in merged}  # always in the documented order
     spec = Spec(
@@ -627,6 +651,119 @@ def parse_spec(raw: Any, source: str = "<spec>", *, check_budget: bool = True) -
         _check_budget(spec, info, errors)
     errors.raise_if_any()
     return spec
+
+
+def _check_checkpointing(search: SearchSpec, errors: ErrorList) -> None:
+    sched, every = search.scheduler, search.checkpoint.every_epochs
+    if sched.name == "hyperband" and every != 1:
+        errors.add("search.checkpoint.every_epochs", f"hyperband pauses trials at any epoch and continues them from a checkpoint: must be 1, got {every}")
+    if sched.name == "pbt":
+        if every == 0 or sched.perturbation_interval % every:
+            errors.add("search.checkpoint.every_epochs", f"pbt copies checkpoints every perturbation_interval ({sched.perturbation_interval}) epochs: must divide it, got {every}")
+        if search.algorithm == "optuna":
+            errors.add("search.algorithm", "pbt evolves its own population; use algorithm random or grid (Ray Tune allows no search algorithm with PBT)")
+        if not sched.mutations:
+            errors.add("search.scheduler.mutations", "pbt needs the keys it may change, e.g. {optimizer: {lr: {loguniform: [1e-4, 0.1]}}}")
+    elif sched.mutations:
+        errors.add("search.scheduler.mutations", f"only used by scheduler 'pbt', not '{sched.name}'")
+
+
+# Which keys PBT may change in a running trial: not the model (the weights would not fit), no
+# registry names (a different optimizer or augmentation), no train keys that reshape the run.
+MUTABLE_TRAIN_KEYS = ("label_smoothing", "grad_clip_norm")
+
+
+def mutation_leaves(tree: Any, path: str = "") -> list[tuple[str, Any]]:
+    """``{optimizer: {lr: D}}`` -> ``[("optimizer.lr", D)]``: the leaves are distributions."""
+    if isinstance(tree, Mapping) and not (len(tree) == 1 and next(iter(tree)) in DIST_ARITY):
+        return [leaf for k, v in tree.items() for leaf in mutation_leaves(v, f"{path}.{k}" if path else str(k))]
+    return [(path, tree)]
+
+
+def parse_mutations(raw: Mapping[str, Any]) -> dict[str, Dist]:
+    """The validated ``mutations`` tree as ``{"optimizer.lr": Dist}``."""
+    errors = ErrorList()
+    out = {p: parse_tree(v, p, errors) for p, v in mutation_leaves(raw)}
+    errors.raise_if_any()
+    return out
+
+
+def check_mutations(raw: Mapping[str, Any], space: dict[str, Any], info: Any, errors: ErrorList) -> None:
+    """Every mutated key must exist, with a constant or distribution, in every option the space can
+    sample, be a hyperparameter PBT can change mid-run, and take the mutation's values."""
+    import random
+
+    import torch
+
+    from cifar_tune.augment import AUGMENTS, build_augment
+    from cifar_tune.optim import OPTIMIZERS, SCHEDULE_COMMON_KEYS, SCHEDULES, build_optimizer, build_schedule
+    from cifar_tune.space import sample_tree
+    from cifar_tune.train import TrainOptions
+
+    base = "search.scheduler.mutations"
+    dummy = [torch.nn.Parameter(torch.zeros(2))]
+    for path, value in mutation_leaves(raw):
+        where = f"{base}.{path}"
+        dist = parse_tree(value, where, errors)
+        if dist is None:
+            continue
+        if not isinstance(dist, Dist) or dist.kind == "grid":
+            errors.add(where, f"must be a distribution (choice, uniform, loguniform, ...), got {to_plain_spec(dist)!r}")
+            continue
+        section, _, rest = path.partition(".")
+        keys = rest.split(".") if rest else []
+        if section not in ("optimizer", "schedule", "augment", "train"):
+            why = "the model cannot change during a trial (its weights would not fit)" if section == "model" else f"unknown section{did_you_mean(section, list(SPACE_KEYS))}"
+            errors.add(where, f"{why}; mutable: optimizer, schedule, augment and train.{'/'.join(MUTABLE_TRAIN_KEYS)} hyperparameters")
+            continue
+        if not keys or keys[-1] in ("name", "family") or (section == "train" and keys != [keys[0]]) or (section == "augment" and len(keys) != 2):
+            errors.add(where, "must name one hyperparameter, e.g. optimizer.lr or augment.color_jitter.brightness (not a name)")
+            continue
+        if section == "train" and keys[0] not in MUTABLE_TRAIN_KEYS:
+            errors.add(where, f"train.{keys[0]} cannot change during a trial; mutable: {', '.join('train.' + k for k in MUTABLE_TRAIN_KEYS)}")
+            continue
+        for alt_path, alt in alternatives(space.get(section, SPACE_DEFAULTS.get(section)), f"space.{section}"):
+            node = alt
+            for k in keys[:-1]:
+                node = node.get(k) if isinstance(node, dict) else None
+            if not isinstance(node, dict) or keys[-1] not in node:
+                errors.add(where, f"the sampled config has no {path} in {alt_path} (add it there, as a constant or a distribution)")
+                break
+            if section == "optimizer":
+                hints = get_type_hints(OPTIMIZERS[alt["name"]])
+            elif section == "schedule":
+                hints = {**get_type_hints(SCHEDULES[alt["name"]]), **SCHEDULE_COMMON_KEYS}
+            elif section == "augment":
+                hints = get_type_hints(AUGMENTS[keys[0]])
+            else:
+                hints = get_type_hints(TrainOptions)
+            n_before = len(errors.items)
+            check_value(dist, hints.get(keys[-1], Any), where, errors)
+            if len(errors.items) > n_before:
+                break
+            for i in range(BUILD_CHECK_DRAWS):  # the values the mutation can produce must build
+                cfg = sample_tree(alt, random.Random(f"mutation:{i}"))
+                target = cfg
+                for k in keys[:-1]:
+                    target = target[k]
+                target[keys[-1]] = sample_tree(dist, random.Random(f"mutation:{path}:{i}"))
+                try:
+                    if section == "optimizer":
+                        build_optimizer(dummy, cfg)
+                    elif section == "schedule":
+                        build_schedule(torch.optim.SGD(dummy, lr=0.1), cfg, epochs=10, steps_per_epoch=10)
+                    elif section == "augment" and info is not None:
+                        build_augment(cfg, mean=info.mean, std=info.std, num_classes=info.num_classes)
+                    elif section == "train":
+                        _check_train(cfg, "space.train", (errs := ErrorList()))
+                        if errs:
+                            raise ValueError(errs.items[0].split(": ", 1)[-1])
+                except (ValueError, TypeError, KeyError) as e:
+                    msg = str(e.args[0]) if e.args else repr(e)
+                    errors.add(where, f"a value it can produce is invalid in {alt_path}: {msg.splitlines()[0]}")
+                    break
+            if len(errors.items) > n_before:
+                break
 
 
 def _dataset_info(data: DataSpec, errors: ErrorList) -> Any:

@@ -122,6 +122,166 @@ def _batches(n: int, batch_size: int, generator: torch.Generator, device: torch.
         yield perm[i * batch_size : (i + 1) * batch_size]
 
 
+class Trainer:
+    """One training run, an epoch at a time. ``state_dict()`` after any epoch holds everything needed
+    to continue it exactly (on CPU: the same numbers): model, optimizer, schedule, the global torch
+    RNGs (dropout), the batch/augmentation generator, the epoch counter and the history so far.
+
+    ``config`` is a sampled trial config (keys optimizer, schedule, augment, train). Loading a state
+    saved under a different config (PBT changed lr, momentum, an augmentation strength, ...) keeps the
+    learned state and applies the hyperparameters of *this* config.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train: Split,
+        val: Split | None,
+        config: Mapping[str, Any],
+        *,
+        epochs: int,
+        num_classes: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        strict_sync: bool = False,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+        self.strict_sync = strict_sync
+        self.opts = TrainOptions(**config.get("train", {}))
+        self.train, self.val, self.epochs = train, val, epochs
+        self.num_classes, self.mean, self.std = num_classes, mean, std
+        seed_everything(seed)
+        self.model = prepare_model(model, self.device, self.opts)
+        self.channels_last = self.opts.channels_last if self.opts.channels_last is not None else self.device.type == "cuda"
+        self.step_model = torch.compile(self.model) if self.opts.compile else self.model
+        # frozen parts left out, per-part lr multipliers as param groups (cifar_tune.transfer)
+        self.optimizer = build_optimizer(param_groups(self.model, config.get("model", {})),
+                                         config.get("optimizer", {"name": "sgd", "lr": 0.05}))
+        scale_lrs(self.optimizer)
+        steps_per_epoch = max(1, len(train) // self.opts.batch_size)
+        self.schedule = build_schedule(
+            self.optimizer, config.get("schedule", {"name": "none"}), epochs=epochs, steps_per_epoch=steps_per_epoch
+        )
+        self.augment = build_augment(config.get("augment", {}), mean=mean, std=std, num_classes=num_classes)
+        self.gen = torch.Generator(device=train.x.device).manual_seed(seed)
+        self.x_all, self.y_all = train.x.to(self.device), train.y.to(self.device)
+        self.epoch = 0  # epochs finished
+        self.history: list[dict[str, Any]] = []
+        self.train_time_s = 0.0
+        self.status: Literal["completed", "diverged", "oom"] = "completed"
+
+    def result(self) -> FitResult:
+        return FitResult(status=self.status, epochs_run=self.epoch, history=list(self.history), train_time_s=self.train_time_s)
+
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.epochs or self.status != "completed"
+
+    def run_epoch(self) -> dict[str, Any]:
+        """Train epoch ``self.epoch + 1``, evaluate on ``val``; its metrics (also appended to history)."""
+        device, opts, model = self.device, self.opts, self.model
+        epoch = self.epoch + 1
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)
+        seen = 0
+        with _no_host_sync(device, self.strict_sync):
+            for idx in _batches(len(self.train), opts.batch_size, self.gen, device):
+                yb = self.y_all[idx]
+                xb, targets = self.augment(self.x_all[idx], yb, self.gen)
+                if self.channels_last:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                with _autocast(device, opts.precision):
+                    logits = self.step_model(xb)
+                    loss = F.cross_entropy(logits.float(), targets, label_smoothing=opts.label_smoothing)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if opts.grad_clip_norm is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip_norm, foreach=True)
+                self.optimizer.step()
+                self.schedule.step_batch()
+                loss_sum += loss.detach() * idx.numel()
+                correct += correct_count(logits.detach(), targets)
+                seen += idx.numel()
+        train_loss = loss_sum.item() / seen  # the one host sync of the epoch
+        train_time_s = time.perf_counter() - t0
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_acc": correct.item() / seen,
+            "lr": self.schedule.lr(),
+            "train_time_s": train_time_s,
+            "images_per_s": seen / train_time_s,
+        }
+        self.epoch, self.train_time_s = epoch, self.train_time_s + train_time_s
+        if not math.isfinite(train_loss):
+            self.status = "diverged"
+            metrics.update(status="diverged", epoch_time_s=time.perf_counter() - t0)
+            self.history.append(metrics)
+            return metrics
+        val_loss = None
+        if self.val is not None:
+            ev = evaluate(self.step_model, self.val, mean=self.mean, std=self.std, num_classes=self.num_classes,
+                          device=device, batch_size=opts.eval_batch_size, channels_last=self.channels_last,
+                          precision=opts.precision)
+            val_loss = ev.loss
+            metrics.update(val_loss=ev.loss, val_acc=ev.top1, val_top5=ev.top5)
+        self.schedule.step_epoch(val_loss)
+        metrics["epoch_time_s"] = time.perf_counter() - t0
+        metrics["ended_at"] = time.time()  # wall clock: shows which trials' epochs overlapped
+        if (peak_mb := peak_memory_mb(device)) is not None:
+            metrics["gpu_mem_peak_mb"] = peak_mb
+        self.history.append(metrics)
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain Python only (``torch.load(..., weights_only=True)`` reads it back)."""
+        rng: dict[str, Any] = {"torch": torch.get_rng_state(), "generator": self.gen.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "epoch": self.epoch,
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": _to_cpu(self.optimizer.state_dict()),
+            "schedule": self.schedule.state_dict(),
+            "rng": rng,
+            "history": [dict(m) for m in self.history],
+            "train_time_s": self.train_time_s,
+            "status": self.status,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        # Hyperparameters (lr, momentum, betas, weight decay, ...) come from this run's config, buffers and
+        # step counts from the state: identical when continuing, PBT's new values after an exploit.
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group, hparams in zip(self.optimizer.param_groups, fresh, strict=True):
+            group.update(hparams)
+        self.schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if self.device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.gen.set_state(state["rng"]["generator"])
+        self.epoch = int(state["epoch"])
+        self.history = [dict(m) for m in state["history"]]
+        self.train_time_s = float(state["train_time_s"])
+        self.status = state["status"]
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
 def fit(
     model: nn.Module,
     train: Split,
@@ -140,84 +300,15 @@ def fit(
     """Train ``model`` for ``epochs`` on ``train``; evaluate on ``val`` (if given) after each epoch.
 
     ``config`` is a sampled trial config (keys optimizer, schedule, augment, train). ``on_epoch``
-    receives each epoch's metrics (the search reports them to Ray Tune from there). A non-finite
-    training loss ends the run with status ``diverged``. ``strict_sync``: raise if the step loop
-    synchronises with the host (CUDA only).
+    receives each epoch's metrics. A non-finite training loss ends the run with status ``diverged``.
     """
-    device = torch.device(device) if device is not None else default_device()
-    opts = TrainOptions(**config.get("train", {}))
-    seed_everything(seed)
-    model = prepare_model(model, device, opts)
-    channels_last = opts.channels_last if opts.channels_last is not None else device.type == "cuda"
-    step_model = torch.compile(model) if opts.compile else model
-    # frozen parts left out, per-part lr multipliers as param groups (cifar_tune.transfer)
-    optimizer = build_optimizer(param_groups(model, config.get("model", {})),
-                                config.get("optimizer", {"name": "sgd", "lr": 0.05}))
-    scale_lrs(optimizer)
-    steps_per_epoch = max(1, len(train) // opts.batch_size)
-    schedule = build_schedule(optimizer, config.get("schedule", {"name": "none"}), epochs=epochs, steps_per_epoch=steps_per_epoch)
-    augment = build_augment(config.get("augment", {}), mean=mean, std=std, num_classes=num_classes)
-    gen = torch.Generator(device=train.x.device).manual_seed(seed)
-    x_all, y_all = train.x.to(device), train.y.to(device)
-
-    result = FitResult(status="completed", epochs_run=0)
-    for epoch in range(1, epochs + 1):
-        model.train()
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        seen = 0
-        with _no_host_sync(device, strict_sync):
-            for idx in _batches(len(train), opts.batch_size, gen, device):
-                yb = y_all[idx]
-                xb, targets = augment(x_all[idx], yb, gen)
-                if channels_last:
-                    xb = xb.contiguous(memory_format=torch.channels_last)
-                with _autocast(device, opts.precision):
-                    logits = step_model(xb)
-                    loss = F.cross_entropy(logits.float(), targets, label_smoothing=opts.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if opts.grad_clip_norm is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip_norm, foreach=True)
-                optimizer.step()
-                schedule.step_batch()
-                loss_sum += loss.detach() * idx.numel()
-                correct += correct_count(logits.detach(), targets)
-                seen += idx.numel()
-        train_loss = loss_sum.item() / seen  # the one host sync of the epoch
-        train_time_s = time.perf_counter() - t0
-        metrics: dict[str, float] = {
-            "epoch": epoch,
-            "train_loss": train_loss,
-            "train_acc": correct.item() / seen,
-            "lr": schedule.lr(),
-            "train_time_s": train_time_s,
-            "images_per_s": seen / train_time_s,
-        }
-        result.epochs_run, result.train_time_s = epoch, result.train_time_s + train_time_s
-        if not math.isfinite(train_loss):
-            result.status = "diverged"
-            metrics.update(status="diverged", epoch_time_s=time.perf_counter() - t0)
-            result.history.append(metrics)
-            if on_epoch:
-                on_epoch(metrics)
-            break
-        val_loss = None
-        if val is not None:
-            ev = evaluate(step_model, val, mean=mean, std=std, num_classes=num_classes, device=device,
-                          batch_size=opts.eval_batch_size, channels_last=channels_last, precision=opts.precision)
-            val_loss = ev.loss
-            metrics.update(val_loss=ev.loss, val_acc=ev.top1, val_top5=ev.top5)
-        schedule.step_epoch(val_loss)
-        metrics["epoch_time_s"] = time.perf_counter() - t0
-        metrics["ended_at"] = time.time()  # wall clock: shows which trials' epochs overlapped
-        if (peak_mb := peak_memory_mb(device)) is not None:
-            metrics["gpu_mem_peak_mb"] = peak_mb
-        result.history.append(metrics)
+    trainer = Trainer(model, train, val, config, epochs=epochs, num_classes=num_classes, mean=mean, std=std,
+                      seed=seed, device=device)
+    while not trainer.done:
+        metrics = trainer.run_epoch()
         if on_epoch:
             on_epoch(metrics)
-    return result
+    return trainer.result()
 
 
 @torch.no_grad()

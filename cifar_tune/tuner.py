@@ -7,10 +7,12 @@ results store implements.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,7 @@ from ray.tune.schedulers import (  # noqa: E402
     FIFOScheduler,
     HyperBandScheduler,
     MedianStoppingRule,
+    PopulationBasedTraining,
     TrialScheduler,
 )
 from ray.tune.search import Searcher  # noqa: E402
@@ -50,7 +53,9 @@ class TrialSource(Protocol):
 
 class SearchEvents(Protocol):
     def trial_started(self, trial_id: str, config: dict[str, Any]) -> None: ...
+    def trial_resumed(self, trial_id: str) -> None: ...
     def trial_result(self, trial_id: str, metrics: dict[str, Any]) -> None: ...
+    def trial_checkpoint(self, trial_id: str, path: str, epoch: int) -> None: ...
     def trial_finished(self, trial_id: str, last: dict[str, Any]) -> None: ...
     def trial_errored(self, trial_id: str, message: str) -> None: ...
     def trial_retried(self, trial_id: str) -> None: ...
@@ -134,28 +139,55 @@ def assigned_device() -> tuple[Any, float | None]:
 # ---------------------------------------------------------------------------------------- search
 
 
-def cifar_tune_trial(config: dict[str, Any], setup: Any, shared_data: Any = None, experiment: str = "") -> None:
+def _read_checkpoint(checkpoint: Any) -> bytes:
+    """The trial's bytes from a Tune checkpoint, wherever its storage is (local path or pyarrow URI)."""
+    from cifar_tune.trial import CHECKPOINT_FILE
+
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{CHECKPOINT_FILE}") as f:
+        return f.read()
+
+
+def cifar_tune_trial(config: dict[str, Any], setup: Any, shared_data: Any = None, experiment: str = "",
+                     resume_from: dict[str, str] | None = None) -> None:
     """Runs in a Ray worker: the plain-PyTorch trial, reporting each epoch to Tune.
 
-    Its name is what the Ray dashboard shows for the trial actors.
+    It continues from Tune's checkpoint when Tune restores it (a paused hyperband trial, a PBT
+    exploit, a retry after its worker died), else from ``resume_from[trial_id]``: the checkpoint an
+    earlier, interrupted run of this search left (``--resume``). Its name is what the Ray dashboard
+    shows for the trial actors.
     """
     from cifar_tune import data as data_mod
-    from cifar_tune.trial import run_trial
+    from cifar_tune.trial import CHECKPOINT_FILE, run_trial
 
     if shared_data is not None:  # the driver's copy of the training set, via the object store
         data_mod.install_training_arrays(setup.data, shared_data)
 
+    # Tune logs every saved and restored checkpoint at INFO level from the worker; our table says enough
+    for name in ("ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     node_id = ray.get_runtime_context().get_node_id()
     name = tune.get_context().get_trial_name() or config["trial_id"]
     announce_trial(name, experiment)
     gauges = _TrialGauges.get()
 
-    def report(metrics: dict[str, Any]) -> None:
+    trial_id = config["trial_id"]
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None and (resume_from or {}).get(trial_id):
+        checkpoint = tune.Checkpoint(resume_from[trial_id])
+    resume = _read_checkpoint(checkpoint) if checkpoint is not None else None
+
+    def report(metrics: dict[str, Any], blob: bytes | None = None) -> None:
         gauges.record(experiment, name, metrics)
-        tune.report({**metrics, "node_id": node_id})
+        if blob is None:
+            tune.report({**metrics, "node_id": node_id})
+            return
+        with tempfile.TemporaryDirectory() as tmp:  # Tune copies it into the experiment's storage
+            with open(os.path.join(tmp, CHECKPOINT_FILE), "wb") as f:
+                f.write(blob)
+            tune.report({**metrics, "node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(tmp))
 
     device, share = assigned_device()
-    run_trial(config["config"], setup, trial_id=config["trial_id"], report=report, device=device, memory_fraction=share)
+    run_trial(config["config"], setup, trial_id=trial_id, report=report, device=device, memory_fraction=share, resume=resume)
 
 
 # ------------------------------------------------------------------------- the dashboard's view
@@ -276,9 +308,18 @@ def _error_message(trial: Any) -> str:
 class _EventsCallback(tune.Callback):
     def __init__(self, events: SearchEvents) -> None:
         self.events = events
+        self.started: set[str] = set()
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self.events.trial_started(trial.config["trial_id"], trial.config["config"])
+        tid = trial.config["trial_id"]
+        if tid in self.started:  # a paused (hyperband) or exploiting (pbt) trial going on: not a new attempt
+            self.events.trial_resumed(tid)
+        else:
+            self.started.add(tid)
+            self.events.trial_started(tid, trial.config["config"])
+
+    def on_checkpoint(self, iteration: int, trials: list[Any], trial: Any, checkpoint: Any, **info: Any) -> None:
+        self.events.trial_checkpoint(trial.config["trial_id"], checkpoint.path, int((trial.last_result or {}).get("epoch") or 0))
 
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any) -> None:
         self.events.trial_result(trial.config["trial_id"], result)
@@ -290,14 +331,67 @@ class _EventsCallback(tune.Callback):
         self.events.trial_errored(trial.config["trial_id"], _error_message(trial))
 
     def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.started.discard(trial.config["trial_id"])  # its next start is a new attempt
         self.events.trial_retried(trial.config["trial_id"])
 
     def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
         self.events.tick()
 
 
+class _PBT(PopulationBasedTraining):
+    """Ray's PBT, except that a trial keeps its own id when it copies another trial's config."""
+
+    def _get_new_config(self, trial: Any, trial_to_clone: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        config, operations = super()._get_new_config(trial, trial_to_clone)
+        return {**config, "trial_id": trial.config["trial_id"]}, operations
+
+
+_DOMAINS: dict[str, Callable[..., Any]] = {
+    "uniform": tune.uniform, "loguniform": tune.loguniform, "quniform": tune.quniform,
+    "qloguniform": tune.qloguniform, "randint": tune.randint, "lograndint": tune.lograndint, "normal": tune.randn,
+}
+
+
+def pbt_mutations(mutations: dict[str, Any]) -> dict[str, Any]:
+    """``{"optimizer.lr": Dist}`` -> Ray's nested ``hyperparam_mutations`` over the trial config;
+    a choice becomes a list (PBT perturbs it to a neighbouring option)."""
+    tree: dict[str, Any] = {}
+    for path, dist in mutations.items():
+        node = tree.setdefault("config", {})
+        *parents, leaf = path.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = list(dist.args) if dist.kind == "choice" else _DOMAINS[dist.kind](*dist.args)
+    return tree
+
+
+def _clip_mutations(mutations: dict[str, Any]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    from cifar_tune.space import clip
+
+    def explore(config: dict[str, Any]) -> dict[str, Any]:
+        for path, dist in mutations.items():
+            *parents, leaf = path.split(".")
+            node = config["config"]
+            for k in parents:
+                node = node[k]
+            node[leaf] = clip(dist, node[leaf])
+        return config
+
+    return explore
+
+
 def make_scheduler(sched: SchedulerSpec) -> TrialScheduler:
     """One report per epoch, so ``epoch`` is the time attribute of every scheduler."""
+    if sched.name == "pbt":
+        from cifar_tune.spec import parse_mutations
+
+        mutations = parse_mutations(sched.mutations)
+        return _PBT(
+            time_attr="epoch", perturbation_interval=sched.perturbation_interval,
+            hyperparam_mutations=pbt_mutations(mutations), quantile_fraction=sched.quantile_fraction,
+            resample_probability=sched.resample_probability, custom_explore_fn=_clip_mutations(mutations),
+            synch=sched.synch,
+        )
     if sched.name == "asha":
         return AsyncHyperBandScheduler(
             time_attr="epoch", max_t=sched.max_epochs, grace_period=sched.grace_period,
@@ -337,35 +431,51 @@ def run_search(
     mode: str,
     resources: dict[str, float],
     num_trials: int,
-    max_concurrent: int,
+    max_concurrent: int | None,
     max_failures: int,
     storage_path: str,
     run_name: str,
     trial_names: Callable[[dict[str, Any]], str],
     shared_data: Any = None,
+    keep_checkpoints: int = 2,
+    resume_from: dict[str, str] | None = None,
+    population: list[tuple[str, dict[str, Any]]] | None = None,
     experiment: str = "",
     callbacks: list[Any] | None = None,
 ) -> None:
     """Run the trials to completion; every outcome arrives through ``events``.
 
-    ``callbacks`` (e.g. from :func:`tracking_callbacks`) run after the events sink, so they see
-    each trial's final status already recorded.
+    ``resume_from``: trial id -> checkpoint URI of an earlier run, to continue from. ``population``:
+    PBT's trials, all given up front (Ray Tune allows PBT no search algorithm, so they become a grid
+    over trial ids rather than ``source`` suggestions). ``callbacks`` (e.g. from
+    :func:`tracking_callbacks`) run after the events sink, so they see each trial's final status
+    already recorded.
     """
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # our events print one line per failure
+    param_space: dict[str, Any] = {}
+    search_alg: Any = _SourceSearcher(source, metric, mode)
+    configs: dict[str, dict[str, Any]] = {}
+    if population is not None:
+        configs = dict(population)
+        param_space = {"trial_id": tune.grid_search(list(configs)),
+                       "config": tune.sample_from(lambda spec: copy.deepcopy(configs[spec["trial_id"]]))}
+        search_alg, num_trials = None, 1
+    trainable = tune.with_parameters(cifar_tune_trial, setup=setup, shared_data=shared_data, experiment=experiment,
+                                     resume_from=resume_from or {})
     tuner = tune.Tuner(
-        tune.with_resources(
-            tune.with_parameters(cifar_tune_trial, setup=setup, shared_data=shared_data, experiment=experiment), resources
-        ),
+        tune.with_resources(trainable, resources),
+        param_space=param_space,
         tune_config=tune.TuneConfig(
-            search_alg=_SourceSearcher(source, metric, mode),
+            search_alg=search_alg,
             scheduler=make_scheduler(scheduler),
             metric=metric,
             mode=mode,
             num_samples=num_trials,
             max_concurrent_trials=max_concurrent,
             reuse_actors=True,  # a reused worker keeps its cached data set: no per-trial reload
-            trial_name_creator=lambda t: trial_names(t.config),
-            trial_dirname_creator=lambda t: trial_names(t.config),
+            # (a PBT trial is named before Ray resolves its config: the name comes from the population)
+            trial_name_creator=lambda t: trial_names({"trial_id": t.config["trial_id"], "config": configs.get(t.config["trial_id"], t.config["config"])}),
+            trial_dirname_creator=lambda t: trial_names({"trial_id": t.config["trial_id"], "config": configs.get(t.config["trial_id"], t.config["config"])}),
         ),
         run_config=tune.RunConfig(
             name=run_name,
@@ -373,7 +483,8 @@ def run_search(
             callbacks=[_EventsCallback(events), *(callbacks or [])],
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # older checkpoints are deleted as the trial goes (the driver trims finished trials to one)
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=keep_checkpoints),
         ),
     )
     tuner.fit()

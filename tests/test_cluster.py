@@ -64,6 +64,11 @@ def test_search_runs_on_both_nodes_of_a_cluster(cluster: str, tmp_path: Path) ->
     print(trials[["trial_id", "status", "node_id"]].to_string())
     assert (trials.status == "completed").all()
     assert trials.node_id.nunique() == 2  # trials ran on the head and on the worker node
+    # checkpoints from both nodes reach the shared storage; one row per (trial, epoch)
+    epochs = pd.read_parquet(tmp_path / "smoke" / "epochs.parquet")
+    assert not epochs.duplicated(["trial_id", "epoch"]).any() and len(epochs) == 4 * 2
+    assert (trials.checkpoint_epoch == 2).all()
+    assert all((tmp_path / "smoke" / c / "trial.pt").is_file() for c in trials.checkpoint)
 
 
 @pytest.fixture

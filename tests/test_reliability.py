@@ -266,6 +266,9 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes(tmp_path: Path, capsys: pytest
         print(f"  Ctrl-C test, after --resume: {(after.status == 'completed').sum()} completed of {len(after)}")
     assert len(after) == 6 and (after.status == "completed").all()
     assert (after.loc[finished.trial_id, "started_at"].to_numpy() == finished.started_at.to_numpy()).all()
+    # every trial, the interrupted one continued from its checkpoint included: epochs 1..3 exactly once
+    epochs = pd.read_parquet(tmp_path / "interrupted" / "epochs.parquet")
+    assert sorted(epochs.groupby("trial_id").epoch.apply(sorted).apply(tuple).unique()) == [(1, 2, 3)]
 
 
 # ----------------------------------------------------------------------------------------- security

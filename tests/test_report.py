@@ -140,6 +140,32 @@ def test_varying_columns_survival_and_log_scale(tmp_path: Path) -> None:
     assert not is_log_scale("config.train.batch_size", pd.Series([32.0, 128.0]))
 
 
+def test_report_draws_pbt_lineage(tmp_path: Path) -> None:
+    """t0001 copies t0000's checkpoint after epoch 2 with a new lr: the TrialLog records the change,
+    the report lists the copy and draws the lineage; a search without exploits has no such section."""
+    exp = make_experiment(tmp_path)
+    assert "PBT lineage" not in build_report(exp, out=lambda s: None)
+    log = TrialLog(exp, metric="val_acc", mode="max", max_epochs=4, flush_every_s=1e9,
+                   trials=exp.read_table("trials.parquet"), epochs=exp.read_table("epochs.parquet"))
+    for tid in ("t0000", "t0001"):
+        log.rows[tid]["status"] = "running"
+    donor = json.loads(log.rows["t0000"]["config"])
+    new = {**donor, "optimizer": {**donor["optimizer"], "lr": 0.0123}}
+    log.trial_result("t0001", {"epoch": 3, "val_acc": 0.6, "lr": 0.0123, "epoch_time_s": 0.1,
+                               "restored_from": "t0000", "config_json": json.dumps(new)})
+    log.flush(force=True)
+    epochs = exp.read_table("epochs.parquet")
+    row = epochs[(epochs.trial_id == "t0001") & (epochs.epoch == 3)].iloc[0]
+    changes = json.loads(row.config_changes)  # t0001 took t0000's config (another model and optimizer), new lr
+    assert row.restored_from == "t0000"
+    assert changes["optimizer.lr"] == 0.0123 and changes["model.family"] == "mlp" and changes["optimizer.name"] == "adam"
+    assert json.loads(exp.read_table("trials.parquet").set_index("trial_id").loc["t0001", "config"]) == new
+    text = build_report(exp, out=lambda s: None)
+    assert "## PBT lineage" in text and "1 exploits" in text
+    assert "| 3 | t0001 | t0000 | " in text and "optimizer.lr=0.0123" in text
+    assert (tmp_path / "hand" / "report_pbt_lineage.png").read_bytes()[:8] == PNG
+
+
 # -------------------------------------------------------------------------------------- importance
 
 

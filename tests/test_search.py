@@ -64,10 +64,25 @@ def _frames(storage: Path, name: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     return pd.read_parquet(storage / name / "trials.parquet"), pd.read_parquet(storage / name / "epochs.parquet")
 
 
+def _results_json(storage: Path, name: str, trial_id: str) -> list[dict[str, Any]]:
+    """What Ray Tune recorded of a trial's reports, over every run of the search (for resume)."""
+    rows = []
+    for path in sorted((storage / name / "ray").glob(f"*/{trial_id}-*/result.json")):
+        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows
+
+
+def _one_row_per_epoch(epochs: pd.DataFrame) -> None:
+    """Every trial of every search: exactly one epochs row per (trial_id, epoch)."""
+    dup = epochs[epochs.duplicated(["trial_id", "epoch"], keep=False)]
+    assert dup.empty, dup[["trial_id", "epoch", "pid"]].to_string()
+
+
 def _check_consistent(trials: pd.DataFrame, epochs: pd.DataFrame) -> None:
     """epochs.parquet and trials.parquet tell the same story, for every trial whatever its fate."""
     assert trials["trial_id"].is_unique
     assert_summaries_derived(trials, epochs)
+    _one_row_per_epoch(epochs)
     for row in trials.itertuples():
         ep = epochs[epochs.trial_id == row.trial_id]
         assert len(ep) == row.epochs_run, row.trial_id
@@ -94,6 +109,9 @@ def test_search_end_to_end_with_failures(tmp_path: Path) -> None:
     assert "injected fault in t0001" in trials.set_index("trial_id").loc["t0001", "error"]
     assert status["t0003"] in ("completed", "stopped")
     assert trials.set_index("trial_id").loc["t0003", "attempts"] == 2
+    # it died before its first checkpoint, so the retry started over: every row is the new worker's
+    assert epochs[epochs.trial_id == "t0003"].pid.nunique() == 1
+    _one_row_per_epoch(epochs)
     assert "stopped" in status.values()  # ASHA stopped at least one trial early
     assert "completed" in status.values()
     assert not set(status.values()) - {"completed", "stopped", "diverged", "error", "oom"}
@@ -128,52 +146,75 @@ def test_second_search_with_same_name_refuses(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_resume_after_killing_the_driver(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Checkpoints every epoch. t0000's worker dies at epoch 2: it is retried from its epoch-1
+    checkpoint. The driver is SIGKILLed while a trial is between epochs: --resume keeps the finished
+    trials and continues that one after its last checkpointed epoch (no epoch trained twice)."""
     spec = json.loads(json.dumps(SPEC))
     spec["name"] = "killed"
-    spec["search"].update(num_samples=2, max_concurrent=1, scheduler={"name": "fifo", "max_epochs": 3})
+    spec["search"].update(num_samples=3, max_concurrent=1, max_failures=1, scheduler={"name": "fifo", "max_epochs": 4})
     spec["space"]["optimizer"] = {"name": "sgd", "lr": {"loguniform": [0.01, 0.1]}, "momentum": 0.9}
-    spec["search"].update(num_samples=5, max_failures=1)
     path = tmp_path / "killed.yaml"
     path.write_text(yaml.safe_dump(spec))
     cmd = [sys.executable, "-m", "cifar_tune", "search", str(path), "--storage", str(tmp_path), "--no-dashboard", "--num-cpus", "2"]
-    # t0001 runs out of memory in epoch 2 (after reporting epoch 1); t0003's worker dies once at epoch 2,
-    # after reporting epoch 1 (before or after the driver is killed): its retry must not inherit that row
-    env = {**os.environ, "CIFAR_TUNE_FAULTS": "t0001=oom@2,t0003=exit@2", "CIFAR_TUNE_FAULT_DIR": str(tmp_path)}
-    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    # t0000's worker dies at epoch 2 (after checkpointing epoch 1); t0001 runs out of memory in epoch 2
+    # (after reporting epoch 1); t0002 stalls after training epoch 3: the driver is killed while it
+    # waits (its last checkpoint: epoch 2)
+    env = {**os.environ, "CIFAR_TUNE_FAULTS": "t0000=exit@2,t0001=oom@2,t0002=hang@3", "CIFAR_TUNE_FAULT_DIR": str(tmp_path)}
+    log = open(tmp_path / "driver.log", "w")  # noqa: SIM115 - the driver writes to it until killed
+    driver = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     trials_path = tmp_path / "killed" / "trials.parquet"
     deadline = time.monotonic() + 180
-    before = None
-    while time.monotonic() < deadline:
+    victim = None
+    while time.monotonic() < deadline and victim is None and driver.poll() is None:
         time.sleep(0.5)
         if trials_path.exists():
             t = pd.read_parquet(trials_path)
-            if (t.status == "completed").sum() >= 2:
-                before = t
-                break
-    assert before is not None, "search did not finish two trials in time"
+            if "checkpoint_epoch" in t and (t.status == "completed").sum() >= 1:
+                mid = t[(t.trial_id == "t0002") & (t.status == "running") & (t.checkpoint_epoch == 2)]
+                victim = mid.iloc[0] if len(mid) else None
+    assert victim is not None, "t0002 was not caught between epochs 2 and 3:\n" + (tmp_path / "driver.log").read_text()[-3000:]
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray instance it started
     driver.wait(timeout=30)
     before = pd.read_parquet(trials_path)  # what was on disk when the driver died
+    epochs_before = pd.read_parquet(tmp_path / "killed" / "epochs.parquet")
     finished_before = before[before.status.isin(["completed", "oom"])].set_index("trial_id")
-    _show(capsys, f"resume test, before SIGKILL of the driver: {len(finished_before)} finished of {len(before)} trials")
+    vid = victim.trial_id
+    k = int(before.set_index("trial_id").loc[vid, "checkpoint_epoch"])
+    _show(capsys, f"resume test, before SIGKILL of the driver: {len(finished_before)} finished of {len(before)} trials, "
+                  f"{vid} checkpointed at epoch {k}")
 
     proc = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"{len(finished_before)} finished trials kept" in proc.stdout
+    assert f"{len(finished_before)} finished trials kept, 1 unfinished continue from their last checkpoint" in proc.stdout
     stored = yaml.safe_load((tmp_path / "killed" / "spec.yaml").read_text())
-    assert len(stored["resumes"]) == 1 and stored["resumes"][0]["num_samples"] == 5  # the resume is on record
+    assert len(stored["resumes"]) == 1 and stored["resumes"][0]["num_samples"] == 3  # the resume is on record
     after, epochs = _frames(tmp_path, "killed")
     _show(capsys, f"resume test, after --resume: {(after.status == 'completed').sum()} finished of {len(after)} trials")
-    assert len(after) == 5 and after.trial_id.is_unique
+    assert len(after) == 3 and after.trial_id.is_unique
     status = after.set_index("trial_id").status
     assert status["t0001"] == "oom" and after.set_index("trial_id").epochs_run["t0001"] == 1
     assert (status.drop("t0001") == "completed").all()
-    assert after.set_index("trial_id").attempts["t0003"] >= 2
     kept = after.set_index("trial_id").loc[finished_before.index]
     # finished trials were neither lost nor repeated: same results, same single attempt
     assert (kept.best_val_acc == finished_before.best_val_acc).all()
     assert (kept.started_at == finished_before.started_at).all()
-    _check_consistent(after, epochs)
+    _check_consistent(after, epochs)  # epochs 1..4 of every trial, exactly once
+    # the victim's epochs 1..k are the rows trained before the kill; the resumed run trained k+1.. only
+    mine, old = epochs[epochs.trial_id == vid].set_index("epoch"), epochs_before[epochs_before.trial_id == vid].set_index("epoch")
+    assert list(mine.index) == [1, 2, 3, 4]
+    for e in range(1, k + 1):
+        assert mine.loc[e, "pid"] == old.loc[e, "pid"] and mine.loc[e, "val_acc"] == old.loc[e, "val_acc"]
+    resumed = [r["epoch"] for r in _results_json(tmp_path, "killed", vid) if r.get("epoch")]
+    assert resumed == sorted(resumed) and len(resumed) == len(set(resumed)) == 4  # Tune saw no epoch twice
+    # t0000's worker died at epoch 2: the retry continued from the epoch-1 checkpoint in a new process
+    t0 = epochs[epochs.trial_id == "t0000"].set_index("epoch")
+    assert after.set_index("trial_id").loc["t0000", "attempts"] == 2
+    assert t0.loc[1, "pid"] != t0.loc[2, "pid"] == t0.loc[4, "pid"]
+    # a finished trial keeps exactly one checkpoint, its last, and it is where trials.parquet says
+    for row in after.itertuples():
+        dirs = list((tmp_path / "killed" / "ray").glob(f"*/{row.trial_id}-*/checkpoint_*"))
+        assert [str(d.relative_to(tmp_path / "killed")) for d in dirs] == [row.checkpoint], row.trial_id
+        assert row.checkpoint_epoch == row.epochs_run
 
 
 @pytest.mark.slow
@@ -181,8 +222,13 @@ def test_resume_after_killing_the_driver(tmp_path: Path, capsys: pytest.CaptureF
 def test_other_algorithms_and_schedulers(algorithm: str, scheduler: str, tmp_path: Path) -> None:
     spec = json.loads(json.dumps(SPEC))
     spec["name"] = f"{algorithm}-{scheduler}"
-    spec["search"].update(algorithm=algorithm, num_samples=4 if algorithm == "optuna" else 1,
-                          scheduler={"name": scheduler, "max_epochs": 3, "grace_period": 1})
+    # hyperband: 6 trials over 4 epochs make a bracket that halves at epoch 2, pausing its trials there;
+    # no max_concurrent (Tune counts paused trials against it: the bracket would never fill)
+    hb = scheduler == "hyperband"
+    spec["search"].update(algorithm=algorithm, num_samples=6 if hb else 4 if algorithm == "optuna" else 1,
+                          scheduler={"name": scheduler, "max_epochs": 4 if hb else 3, "grace_period": 1})
+    if hb:
+        del spec["search"]["max_concurrent"]
     # a conditional space: each optimizer with its own range (Optuna suggests define-by-run)
     spec["space"]["optimizer"] = {"choice": [
         {"name": "sgd", "lr": {"loguniform": [0.01, 0.1]} if algorithm == "optuna" else {"grid": [0.01, 0.1]}, "momentum": 0.9},
@@ -193,7 +239,7 @@ def test_other_algorithms_and_schedulers(algorithm: str, scheduler: str, tmp_pat
     proc = _run(spec, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials, epochs = _frames(tmp_path, spec["name"])
-    assert len(trials) == (4 if algorithm == "optuna" else 3)  # grid: sgd x 2 lrs + adam
+    assert len(trials) == (6 if hb else 4 if algorithm == "optuna" else 3)  # grid: sgd x 2 lrs + adam
     assert trials.status.isin(["completed", "stopped"]).all()
     _check_consistent(trials, epochs)
     opt = trials["config.optimizer.name"]
@@ -203,6 +249,86 @@ def test_other_algorithms_and_schedulers(algorithm: str, scheduler: str, tmp_pat
         cfg = json.loads(row.config)
         keys = set(cfg["optimizer"])
         assert keys == ({"name", "lr", "momentum"} if cfg["optimizer"]["name"] == "sgd" else {"name", "lr"})
+    if scheduler == "hyperband":
+        # hyperband pauses trials at its milestones and continues them from their checkpoints: the same
+        # attempt, and Tune saw each epoch once (a trial rerun from epoch 1 would report epoch 1 again)
+        assert (trials.attempts == 1).all()
+        continued = 0
+        for tid in trials.trial_id:
+            seen = [r for r in _results_json(tmp_path, spec["name"], tid) if r.get("epoch")]
+            assert [r["epoch"] for r in seen] == sorted({r["epoch"] for r in seen}), tid
+            continued += any(r["iterations_since_restore"] == 1 and r["epoch"] > 1 for r in seen)
+        assert continued >= 1, "no trial was paused and continued from its checkpoint"
+        assert (trials.status == "stopped").any()  # and the brackets halved
+
+
+@pytest.mark.slow
+def test_pbt_smoke_search_exploits_and_records_lineage(tmp_path: Path) -> None:
+    """search_spaces/smoke_pbt.yaml as shipped: trials copy better trials' checkpoints, the epochs
+    table says from whom and what changed, the new hyperparameters are the ones that trained, and a
+    finished trial's checkpoint evaluates on the validation split to the val_acc of its last epoch."""
+    shipped = yaml.safe_load((Path(__file__).parents[1] / "search_spaces" / "smoke_pbt.yaml").read_text())
+    proc = _run(shipped, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials, epochs = _frames(tmp_path, "smoke_pbt")
+    assert len(trials) == 4 and (trials.status == "completed").all() and (trials.attempts == 1).all()
+    _one_row_per_epoch(epochs)
+    assert (epochs.groupby("trial_id").epoch.max() == 6).all()
+    exploits = epochs[epochs.restored_from.notna()]
+    assert len(exploits) >= 1, proc.stdout[-3000:]
+    bounds = {"optimizer.lr": (1e-3, 0.3), "optimizer.momentum": (0.5, 0.99)}
+    for row in exploits.itertuples():
+        assert row.restored_from in set(trials.trial_id) - {row.trial_id}
+        assert f"{row.trial_id} continues from {row.restored_from}'s checkpoint at epoch {row.epoch}" in proc.stdout
+        changes = json.loads(row.config_changes)
+        for key, (low, high) in bounds.items():
+            if key in changes:
+                assert low <= changes[key] <= high  # perturbed (x0.8/x1.2) values are clipped to the range
+        if "optimizer.lr" in changes:  # schedule none: the lr that trained this epoch is the new one
+            assert row.lr == pytest.approx(changes["optimizer.lr"])
+    for tid, ep in epochs.groupby("trial_id"):
+        final = json.loads(trials.set_index("trial_id").loc[tid, "config"])
+        assert ep.sort_values("epoch").lr.iloc[-1] == pytest.approx(final["optimizer"]["lr"])  # the config in force
+    # every finished trial keeps one checkpoint; `cifar-tune evaluate --split val` reproduces its last val_acc
+    row = trials.iloc[0]
+    assert row.checkpoint_epoch == 6
+    assert len(list((tmp_path / "smoke_pbt" / row.checkpoint).parent.glob("checkpoint_*"))) == 1
+    out = subprocess.run([sys.executable, "-m", "cifar_tune", "evaluate", str(tmp_path / "smoke_pbt" / row.checkpoint),
+                          "--split", "val"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"top-1 {row.last_val_acc:.4f}" in out.stdout
+
+
+def test_pbt_scheduler_keeps_the_trial_id_and_clips_to_the_ranges() -> None:
+    """Ray's explore step on our config shape (no Ray instance needed): the copier keeps its own id,
+    only mutated keys change, and every perturbed value stays inside the YAML's range."""
+    import random
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    from cifar_tune.spec import SchedulerSpec
+    from cifar_tune.tuner import make_scheduler
+
+    mutations = {"optimizer": {"lr": {"loguniform": [1e-3, 0.3]}, "momentum": {"uniform": [0.5, 0.99]}},
+                 "train": {"label_smoothing": {"choice": [0.0, 0.05, 0.1]}}}
+    pbt = make_scheduler(SchedulerSpec(name="pbt", max_epochs=6, mutations=mutations, resample_probability=0.0))
+    assert isinstance(pbt, PopulationBasedTraining)
+    donor_cfg = {"model": {"family": "lenet"}, "optimizer": {"name": "sgd", "lr": 0.29, "momentum": 0.98},
+                 "train": {"batch_size": 32, "label_smoothing": 0.1}}
+    donor = SimpleNamespace(config={"trial_id": "t0001", "config": donor_cfg})
+    me = SimpleNamespace(config={"trial_id": "t0003", "config": {**donor_cfg, "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.6}}})
+    random.seed(0)
+    seen_lr = set()
+    for _ in range(40):
+        new, _ops = pbt._get_new_config(me, donor)
+        assert new["trial_id"] == "t0003"
+        cfg = new["config"]
+        assert cfg["model"] == donor_cfg["model"] and cfg["train"]["batch_size"] == 32
+        assert 1e-3 <= cfg["optimizer"]["lr"] <= 0.3 and 0.5 <= cfg["optimizer"]["momentum"] <= 0.99
+        assert cfg["train"]["label_smoothing"] in (0.05, 0.1)  # a neighbour of 0.1 (or 0.1 at the end of the list)
+        seen_lr.add(round(cfg["optimizer"]["lr"], 6))
+    assert seen_lr == {round(0.29 * 0.8, 6), 0.3}  # x0.8, or x1.2 clipped to the top of the range
 
 
 @pytest.mark.parametrize("cpus,gpus,cpu,gpu,expected", [

@@ -131,3 +131,15 @@ def test_asha_rungs_equal_rays_own_brackets(rf: float, brackets: int, grace: int
 
     probs = np.e ** (np.array(sizes) - max(sizes))
     assert budget.bracket_share == pytest.approx(tuple(probs / probs.sum()))
+
+
+def test_clip_moves_pbt_perturbations_into_the_distribution() -> None:
+    """PBT multiplies by 0.8/1.2; clip keeps the result where the spec allows (Ray would not)."""
+    from cifar_tune.space import clip
+
+    assert clip(Dist("uniform", (0.5, 0.99)), 0.99 * 1.2) == 0.99
+    assert clip(Dist("loguniform", (1e-3, 0.3)), 1e-3 * 0.8) == 1e-3
+    assert clip(Dist("uniform", (0.5, 0.99)), 0.7) == 0.7
+    assert clip(Dist("randint", (0, 7)), 7.2) == 6  # high is exclusive
+    assert clip(Dist("quniform", (16, 256, 16)), 300) == 256 and clip(Dist("quniform", (16, 256, 16)), 37) == 32
+    assert clip(Dist("choice", (0.0, 0.1)), 0.1) == 0.1

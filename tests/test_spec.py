@@ -79,6 +79,46 @@ def _del(path: str) -> Callable[[dict[str, Any]], None]:
 
 
 OPT1 = "space/optimizer/choice/1"
+SGD_ONLY = {"name": "sgd", "lr": 0.1, "momentum": 0.9}
+
+
+def _pbt(mutations: Any, space_optimizer: Any = None, **sched: Any) -> Callable[[dict[str, Any]], None]:
+    def mutate(d: dict[str, Any]) -> None:
+        d["search"]["scheduler"] = {"name": "pbt", "max_epochs": 4, **sched, **({"mutations": mutations} if mutations else {})}
+        if space_optimizer is not None:
+            d["space"]["optimizer"] = space_optimizer
+
+    return mutate
+
+
+PBT_BROKEN: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
+    ("pbt-without-mutations", _pbt(None), "search.scheduler.mutations: pbt needs the keys it may change"),
+    ("mutation-key-missing-in-an-option", _pbt({"optimizer": {"momentum": {"uniform": [0.5, 0.9]}}}),
+     "search.scheduler.mutations.optimizer.momentum: the sampled config has no optimizer.momentum in space.optimizer.choice[1]"),
+    ("mutation-of-the-model", _pbt({"model": {"hidden": {"choice": [[8], [16]]}}}),
+     "search.scheduler.mutations.model.hidden: the model cannot change during a trial"),
+    ("mutation-of-batch-size", _pbt({"train": {"batch_size": {"choice": [16, 32]}}}),
+     "search.scheduler.mutations.train.batch_size: train.batch_size cannot change during a trial"),
+    ("mutation-of-a-name", _pbt({"optimizer": {"name": {"choice": ["sgd", "adam"]}}}, SGD_ONLY),
+     "search.scheduler.mutations.optimizer.name: must name one hyperparameter"),
+    ("mutation-range-invalid", _pbt({"optimizer": {"momentum": {"uniform": [0.5, 1.5]}}}, SGD_ONLY),
+     "search.scheduler.mutations.optimizer.momentum: a value it can produce is invalid in space.optimizer: momentum: must be in [0, 1)"),
+    ("mutation-type", _pbt({"optimizer": {"nesterov": {"uniform": [0, 1]}}}, {**SGD_ONLY, "nesterov": True}),
+     "search.scheduler.mutations.optimizer.nesterov.uniform: uniform produces numbers, but the value must be true or false"),
+    ("mutation-constant", _pbt({"optimizer": {"lr": 0.1}}, SGD_ONLY),
+     "search.scheduler.mutations.optimizer.lr: must be a distribution"),
+    ("mutation-augment-missing", _pbt({"augment": {"crop": {"padding": {"randint": [0, 4]}}}}, SGD_ONLY),
+     "search.scheduler.mutations.augment.crop.padding: the sampled config has no augment.crop.padding in space.augment"),
+    ("mutations-without-pbt", _set("search/scheduler", {"name": "asha", "mutations": {"optimizer": {"lr": {"uniform": [0.1, 0.2]}}}}),
+     "search.scheduler.mutations: only used by scheduler 'pbt', not 'asha'"),
+    ("pbt-interval-not-a-multiple", _pbt({"optimizer": {"lr": {"loguniform": [1e-3, 0.1]}}}, SGD_ONLY, perturbation_interval=3),
+     "search.checkpoint.every_epochs: pbt copies checkpoints every perturbation_interval (3) epochs: must divide it, got 2"),
+    ("pbt-with-optuna", _pbt({"optimizer": {"lr": {"loguniform": [1e-3, 0.1]}}}, SGD_ONLY),
+     "search.algorithm: pbt evolves its own population"),
+    ("hyperband-needs-every-epoch", _set("search/scheduler", {"name": "hyperband", "max_epochs": 4}),
+     "search.checkpoint.every_epochs: hyperband pauses trials at any epoch and continues them from a checkpoint: must be 1, got 2"),
+    ("checkpoint-keep-zero", _set("search/checkpoint", {"keep": 0}), "search.checkpoint.keep: must be >= 1, got 0"),
+]
 BROKEN: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("log-low-zero", _set("space/optimizer/choice/0/lr", {"loguniform": [0, 0.1]}),
      "space.optimizer.choice[0].lr.loguniform: low must be > 0, got 0"),
@@ -108,7 +148,7 @@ BROKEN: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("wrong-type", _set("search/num_samples", "many"), "search.num_samples: must be an integer, got 'many'"),
     ("nonpositive", _set("search/num_samples", 0), "search.num_samples: must be >= 1, got 0"),
     ("bad-literal", _set("search/scheduler/name", "bohb"),
-     "search.scheduler.name: must be one of 'asha' | 'fifo' | 'median' | 'hyperband', got 'bohb'"),
+     "search.scheduler.name: must be one of 'asha' | 'fifo' | 'median' | 'hyperband' | 'pbt', got 'bohb'"),
     ("grace>max", _set("search/scheduler/grace_period", 5), "search.scheduler.grace_period: must be <= max_epochs (2), got 5"),
     ("val-fraction", _set("data/val_fraction", 1.5), "data.val_fraction: must be in (0, 1), got 1.5"),
     ("unknown-dataset", _set("data/dataset", "cifar1000"),
@@ -147,6 +187,23 @@ BROKEN: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("nesterov-needs-momentum", _set("space/optimizer/choice/0", {"name": "sgd", "lr": 0.1, "nesterov": True}),
      "space.optimizer.choice[0]"),
 ]
+
+
+def _and(*mutations: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    def mutate(d: dict[str, Any]) -> None:
+        for m in mutations:
+            m(d)
+
+    return mutate
+
+
+# (the every_epochs cases set every_epochs 2; the optuna case sets the algorithm)
+PBT_BROKEN = [
+    (c, _and(m, _set("search/checkpoint", {"every_epochs": 2})) if "every_epochs" in e else
+     _and(m, _set("search/algorithm", "optuna")) if "optuna" in c else m, e)
+    for c, m, e in PBT_BROKEN
+]
+BROKEN += PBT_BROKEN
 
 
 @pytest.mark.parametrize("case,mutate,expected", BROKEN, ids=[b[0] for b in BROKEN])

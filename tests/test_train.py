@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import traceback
 from typing import Any
@@ -11,9 +12,10 @@ import torch
 
 from cifar_tune import data as data_mod
 from cifar_tune.models import build_model
+from cifar_tune.optim import OPTIMIZERS, SCHEDULES
 from cifar_tune.spec import DataSpec, SyntheticSpec
-from cifar_tune.train import evaluate, fit
-from cifar_tune.trial import TrialSetup, run_trial
+from cifar_tune.train import Trainer, evaluate, fit
+from cifar_tune.trial import TrialSetup, checkpoint_from_bytes, checkpoint_to_bytes, run_trial
 
 DATA = DataSpec(dataset="synthetic", synthetic=SyntheticSpec(num_train=1500, num_test=300, num_classes=4, image_size=16))
 CNN = {"family": "vgg", "blocks": [{"channels": [16]}, {"channels": [32]}, {"channels": [64]}], "head": [], "global_pool": "avg"}
@@ -117,12 +119,106 @@ def test_trial_reports_every_epoch_and_forbids_the_test_split() -> None:
     reports: list[dict[str, Any]] = []
     setup = TrialSetup(data=DATA, epochs=2, seed=0)
     try:
-        result = run_trial({"model": CNN, **CONFIG}, setup, trial_id="t0042", report=reports.append, device="cpu")
+        result = run_trial({"model": CNN, **CONFIG}, setup, trial_id="t0042", report=lambda m, c=None: reports.append(m),
+                           device="cpu")
         assert result.status == "completed"
         assert [r["epoch"] for r in reports] == [1, 2]
         assert all(r["trial_id"] == "t0042" and r["params"] > 0 for r in reports)
         with pytest.raises(data_mod.TestSplitForbidden):
             data_mod.load_test(DATA)
+    finally:
+        data_mod.allow_test()
+
+
+# ------------------------------------------------------------------------- exact continuation
+
+TINY = DataSpec(dataset="synthetic", synthetic=SyntheticSpec(num_train=320, num_test=40, num_classes=4, image_size=8, seed=3))
+# BatchNorm buffers, dropout (the global torch RNG), every random augmentation (the batch generator)
+TINY_CNN = {"family": "vgg", "blocks": [{"channels": [8], "batch_norm": True, "dropout": 0.2}, {"channels": [16]}],
+            "head": [16], "head_dropout": 0.3, "global_pool": "avg"}
+TINY_AUG = {"hflip": True, "crop": {"padding": 2}, "rotation": {"degrees": 10}, "color_jitter": True,
+            "erasing": {"p": 0.5}, "cutout": {"size": 2, "p": 0.5}, "mixup": {"alpha": 0.4, "p": 0.5}}
+# every optimizer and every schedule at least once (stateful ones: momentum, Adam moments, plateau)
+OPT_SCHED = [(o, s) for o, s in zip(list(OPTIMIZERS) * 2, list(SCHEDULES), strict=False)]
+
+
+def _trainer(config: dict[str, Any], model_seed: int, epochs: int = 4) -> Trainer:
+    info = data_mod.dataset_info(TINY)
+    train, val = data_mod.load_splits(TINY)
+    torch.manual_seed(model_seed)
+    model = build_model(TINY_CNN, num_classes=4, in_channels=3, image_size=8)
+    return Trainer(model, train, val, config, epochs=epochs, num_classes=4, mean=info.mean, std=info.std, seed=11, device="cpu")
+
+
+@pytest.fixture
+def one_thread() -> Any:
+    """Tiny models: one torch thread is faster, and on a loaded 2-core machine 20x faster than two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+NUMBERS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr")
+
+
+@pytest.mark.parametrize("opt,sched", OPT_SCHED, ids=[f"{o}-{s}" for o, s in OPT_SCHED])
+def test_interrupted_and_continued_equals_uninterrupted(opt: str, sched: str, one_thread: None) -> None:
+    """Stop after epoch 2, save, build a fresh trainer (other initial weights, RNGs moved on), load,
+    continue: epochs 3-4 equal the uninterrupted run's to 1e-6. Proves the state is complete."""
+    config = {"optimizer": {"name": opt, "lr": 0.02}, "schedule": {"name": sched, "warmup_frac": 0.1},
+              "augment": TINY_AUG, "train": {"batch_size": 32, "label_smoothing": 0.05}}
+    whole = _trainer(config, model_seed=0)
+    while not whole.done:
+        whole.run_epoch()
+    first = _trainer(config, model_seed=0)
+    first.run_epoch()
+    first.run_epoch()
+    blob = checkpoint_to_bytes(first.state_dict())  # through bytes, as a search stores it
+    torch.manual_seed(12345)  # the process's RNGs moved on, as in a new worker
+    torch.rand(100)
+    second = _trainer(config, model_seed=99)
+    second.load_state_dict(checkpoint_from_bytes(blob))
+    assert second.epoch == 2 and len(second.history) == 2
+    while not second.done:
+        second.run_epoch()
+    assert second.epoch == 4
+    for a, b in zip(whole.history, second.history, strict=True):
+        for k in NUMBERS:
+            assert b[k] == pytest.approx(a[k], abs=1e-6, rel=0), (a["epoch"], k)
+    for k, v in whole.model.state_dict().items():
+        assert torch.allclose(v.float(), second.model.state_dict()[k].float(), atol=1e-6, rtol=0), k
+
+
+def test_trial_resumed_from_its_checkpoint_continues_exactly(one_thread: None) -> None:
+    """The trial layer end to end: checkpoints as bytes every epoch; continuing from epoch 1's
+    reports epochs 2-3 as the uninterrupted trial did, with no lineage (its own checkpoint)."""
+    config = {"model": TINY_CNN, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+              "schedule": {"name": "cosine"}, "augment": TINY_AUG, "train": {"batch_size": 32}}
+    setup = TrialSetup(data=TINY, epochs=3, seed=0, checkpoint_every=1)
+    whole: list[tuple[dict[str, Any], bytes | None]] = []
+    try:
+        run_trial(config, setup, trial_id="t0001", report=lambda m, c=None: whole.append((m, c)), device="cpu")
+        assert all(c is not None for _, c in whole)
+        saved = checkpoint_from_bytes(whole[0][1])
+        assert saved["epochs"] == 1 and saved["trial_id"] == "t0001" and saved["config"] == config
+        rest: list[dict[str, Any]] = []
+        run_trial(config, setup, trial_id="t0001", report=lambda m, c=None: rest.append(m), device="cpu",
+                  resume=whole[0][1])
+        assert [m["epoch"] for m in rest] == [2, 3]
+        assert rest[0]["restored_from"] is None and json.loads(rest[0]["config_json"]) == config
+        assert "restored_from" not in rest[1]  # lineage is on the first epoch after the restore only
+        for a, (b, _) in zip(rest, whole[1:], strict=True):
+            for k in NUMBERS:
+                assert a[k] == pytest.approx(b[k], abs=1e-6, rel=0), (a["epoch"], k)
+        # another trial continuing from t0001's checkpoint with a new lr (a PBT exploit) records both
+        exploit: list[dict[str, Any]] = []
+        new = {**config, "optimizer": {**config["optimizer"], "lr": 0.02}}
+        run_trial(new, setup, trial_id="t0002", report=lambda m, c=None: exploit.append(m), device="cpu",
+                  resume=whole[1][1])
+        assert [m["epoch"] for m in exploit] == [3]
+        assert exploit[0]["restored_from"] == "t0001"
+        assert json.loads(exploit[0]["config_json"]) == new
     finally:
         data_mod.allow_test()
 
