@@ -310,6 +310,12 @@ class _EventsCallback(tune.Callback):
         self.events = events
         self.started: set[str] = set()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its run config (tuner.pkl) for its own restore, which cifar-tune does not use; the
+        # events sink (the results store, the printer) stays in the driver. Pickling it could fail: a
+        # patched builtins.print (Ray's tqdm patch) "is not the same object as builtins.print".
+        return {"started": self.started}
+
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         tid = trial.config["trial_id"]
         if tid in self.started:  # a paused (hyperband) or exploiting (pbt) trial going on: not a new attempt

@@ -63,12 +63,12 @@ def test_out_of_memory_is_recorded_not_raised(monkeypatch: pytest.MonkeyPatch) -
     def oom(*args: Any, **kwargs: Any) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(trial_mod, "fit", oom)
+    monkeypatch.setattr(trial_mod.Trainer, "run_epoch", oom)
     spec = load_spec(SMOKE)
     reports: list[dict[str, Any]] = []
     try:
         result = run_trial({"model": {"family": "mlp", "hidden": [8]}}, TrialSetup(spec.data, 1, 0),
-                           trial_id="t0009", report=reports.append, device="cpu")
+                           trial_id="t0009", report=lambda m, c=None: reports.append(m), device="cpu")
     finally:
         from cifar_tune import data
 
