@@ -150,10 +150,13 @@ def run_trial(
     reported: list[int] = []  # epochs reported so far: an OOM later does not undo them
 
     def send(metrics: dict[str, Any], blob: bytes | None) -> None:
-        report({**metrics, **lineage, "trial_id": trial_id, "params": params, "setup_time_s": setup_time_s,
-                "status": metrics.get("status", "running"), "pid": os.getpid(), "worker_data_loads": data_mod.raw_loads,
-                "device": str(device)},
-               blob)
+        payload = {**metrics, **lineage, "trial_id": trial_id, "params": params, "setup_time_s": setup_time_s,
+                   "status": metrics.get("status", "running"), "pid": os.getpid(),
+                   "worker_data_loads": data_mod.raw_loads, "device": str(device)}
+        if blob is None:
+            report(payload)  # reporters that never get a checkpoint may take one argument
+        else:
+            report(payload, blob)
         lineage.clear()  # lineage belongs to the first epoch after a restore only
         reported.append(int(metrics["epoch"]))
 
@@ -170,7 +173,7 @@ def run_trial(
         return trainer.result()
     except torch.OutOfMemoryError as e:  # recorded as "oom", not as a crash of the search
         # no "epoch" key: this report ends the trial but is not an epoch (results.py appends no row)
-        report({"trial_id": trial_id, "params": params, "status": "oom", "error": f"out of memory: {str(e)[:300]}"}, None)
+        report({"trial_id": trial_id, "params": params, "status": "oom", "error": f"out of memory: {str(e)[:300]}"})
         return FitResult(status="oom", epochs_run=max(reported, default=0))
     finally:
         # a reused worker runs the next trial next: drop this one's model, graphs and cached GPU blocks
