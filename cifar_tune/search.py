@@ -183,8 +183,10 @@ class LiveTable:
 
     def trial_result(self, trial_id: str, metrics: dict[str, Any]) -> None:
         self.log.trial_result(trial_id, metrics)
-        if metrics.get("restored_from"):
-            changes = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in json.loads(metrics.get("config_changes") or "{}").items())
+        if metrics.get("restored_from"):  # what changed: the log's epoch row has it (the trial sends the config)
+            rows = self.log.trial_epochs(trial_id)
+            recorded = rows[-1].get("config_changes") if rows else None
+            changes = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in json.loads(recorded or "{}").items())
             self.out(f"  {trial_id} continues from {metrics['restored_from']}'s checkpoint at epoch {metrics.get('epoch')}" + (f" with {changes}" if changes else ""))
 
     def trial_checkpoint(self, trial_id: str, path: str, epoch: int) -> None:

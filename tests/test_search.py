@@ -286,6 +286,7 @@ def test_pbt_smoke_search_exploits_and_records_lineage(tmp_path: Path) -> None:
                 assert low <= changes[key] <= high  # perturbed (x0.8/x1.2) values are clipped to the range
         if "optimizer.lr" in changes:  # schedule none: the lr that trained this epoch is the new one
             assert row.lr == pytest.approx(changes["optimizer.lr"])
+            assert f"optimizer.lr={changes['optimizer.lr']:.4g}" in proc.stdout  # the search's line says so
     for tid, ep in epochs.groupby("trial_id"):
         final = json.loads(trials.set_index("trial_id").loc[tid, "config"])
         assert ep.sort_values("epoch").lr.iloc[-1] == pytest.approx(final["optimizer"]["lr"])  # the config in force
