@@ -190,7 +190,7 @@ def test_resume_after_killing_the_driver(tmp_path: Path, capsys: pytest.CaptureF
     assert len(stored["resumes"]) == 1 and stored["resumes"][0]["num_samples"] == 3  # the resume is on record
     after, epochs = _frames(tmp_path, "killed")
     _show(capsys, f"resume test, after --resume: {after.status.isin(['completed', 'oom']).sum()} finished of {len(after)} "
-                  f"trials ({dict(after.status.value_counts())})")
+                  f"trials ({ {k: int(v) for k, v in after.status.value_counts().items()} })")
     assert len(after) == 3 and after.trial_id.is_unique
     status = after.set_index("trial_id").status
     assert status["t0001"] == "oom" and after.set_index("trial_id").epochs_run["t0001"] == 1
