@@ -24,8 +24,8 @@ truncated to uint8, PIL's equalize LUT, ``_get_inverse_affine_matrix``), so each
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -143,11 +143,11 @@ AUTO_POLICIES: dict[str, tuple[SubPolicy, ...]] = {
 
 
 # ----------------------------------------------------------------------------------------------------
-# the batched kernels: x uint8 [B, C, H, W], code long [B] (index into OPS), magnitude float [B]
+# per-(op, magnitude) parameters, computed once per policy: applying a slot then indexes them per image
 
 
 def _inverse_affine(code: torch.Tensor, mag: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """torchvision's ``_get_inverse_affine_matrix`` per image, [B, 2, 3] float64 (identity for others)."""
+    """torchvision's ``_get_inverse_affine_matrix`` per entry, [N, 2, 3] float64 (identity for others)."""
     zero = torch.zeros_like(mag)
 
     def where(name: str, value: torch.Tensor | float) -> torch.Tensor:
@@ -170,7 +170,60 @@ def _inverse_affine(code: torch.Tensor, mag: torch.Tensor, h: int, w: int) -> to
     return torch.stack([torch.stack([m0, m1, m2], 1), torch.stack([m3, m4, m5], 1)], 1)
 
 
-def _geometric(x: torch.Tensor, code: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
+def _value_table(code: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
+    """The value -> value table [N, 256] uint8 of Brightness, Posterize, Solarize and Invert, with
+    torchvision's float32 arithmetic on each of the 256 values (the identity for other ops)."""
+    v = torch.arange(256, dtype=torch.float32, device=code.device).expand(len(code), 256)
+    col = mag.view(-1, 1)
+    bright = (v * (1.0 + col).float()).clamp(0, 255)  # x * f, clamped, truncated
+    bits = torch.where(code == CODE["Posterize"], mag, 8.0).to(torch.int64).view(-1, 1)
+    poster = torch.arange(256, device=code.device) & ((255 << (8 - bits)) & 255)  # keep the top ``bits`` bits
+    solar = torch.where(v >= (255.0 * col).float(), 255.0 - v, v)  # invert values >= 255 * magnitude
+    table = v
+    for name, t in (("Brightness", bright), ("Posterize", poster), ("Solarize", solar), ("Invert", 255.0 - v)):
+        table = torch.where((code == CODE[name]).view(-1, 1), t.float(), table)
+    return table.to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class OpParams:
+    """Everything per (op, signed magnitude) entry that does not depend on the image, [N, ...] each.
+
+    Entries are either the images of one batch (:func:`apply_ops`) or every (op, bin, sign) a policy can
+    draw, built once and indexed per image and slot (:class:`Policy`): on CPU, computing them per batch
+    was half the time of a slot (~40 small tensor ops for the affine matrices alone).
+    """
+
+    code: torch.Tensor  # long, index into OPS
+    mag: torch.Tensor  # float64, signed magnitude
+    theta: torch.Tensor  # float32 [N, 2, 3]: inverse affine map on the [-1, 1] grid (identity for others)
+    table: torch.Tensor  # uint8 [N, 256]: Brightness/Posterize/Solarize/Invert value table (identity for others)
+    ratio: torch.Tensor  # float32: Color/Contrast/Sharpness blend factor 1 + magnitude (1 for others)
+    rest: torch.Tensor  # float32: 1 - factor, computed in float64 as torchvision's python floats are
+
+    def take(self, index: torch.Tensor | slice) -> OpParams:
+        return OpParams(*(getattr(self, f.name)[index] for f in fields(self)))
+
+    def to(self, device: torch.device) -> OpParams:
+        # non-blocking: a blocking host->device copy is a host sync in the step loop
+        return OpParams(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)))
+
+
+def op_params(code: torch.Tensor, mag: torch.Tensor, h: int, w: int) -> OpParams:
+    """:class:`OpParams` of ``OPS[code[i]]`` with signed magnitude ``mag[i]`` on h x w images."""
+    mag = mag.double()
+    theta = _inverse_affine(code, mag, h, w).float()
+    theta = theta.div_(torch.tensor([[0.5 * w], [0.5 * h]]).to(code.device, non_blocking=True))
+    blends = (code == CODE["Color"]) | (code == CODE["Contrast"]) | (code == CODE["Sharpness"])
+    f64 = torch.where(blends, 1.0 + mag, 1.0)  # python-float factors, as torchvision passes them
+    return OpParams(code, mag, theta, _value_table(code, mag), f64.float(), (1.0 - f64).float())
+
+
+# ----------------------------------------------------------------------------------------------------
+# the batched kernels: x uint8 [B, C, H, W], p: OpParams of its B images
+
+
+def _geometric(x: torch.Tensor, p: OpParams) -> torch.Tensor:
     """Per-image affine maps with torchvision's grid (``_affine_grid``) and nearest sampling, zero fill.
 
     The grid is torchvision's base grid times the per-image matrix rescaled to [-1, 1], written as
@@ -179,12 +232,9 @@ def _geometric(x: torch.Tensor, code: torch.Tensor, mag: torch.Tensor) -> torch.
     elementwise pass strided, ~5x slower on CPU.
     """
     b, c, h, w = x.shape
-    dev = x.device
-    theta = _inverse_affine(code, mag.double(), h, w).float()
-    # a constant copied without blocking: a blocking host->device copy is a host sync in the step loop
-    t = theta.div_(torch.tensor([[0.5 * w], [0.5 * h]]).to(dev, non_blocking=True))  # [B, 2 (x, y), 3]
-    xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=dev).view(1, 1, w)
-    ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=dev).view(1, h, 1)
+    t = p.theta  # [B, 2 (x, y), 3]
+    xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=x.device).view(1, 1, w)
+    ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=x.device).view(1, h, 1)
 
     def pixel(k: int, size: int) -> torch.Tensor:
         """Coordinate k of every output pixel's source, in pixels: grid_sample(mode="nearest",
@@ -210,24 +260,21 @@ def _gray(xf: torch.Tensor) -> torch.Tensor:
     return xf if xf.shape[1] == 1 else gray(xf).floor_()
 
 
-def _blend(x: torch.Tensor, code: torch.Tensor, mag: torch.Tensor, present: frozenset[str]) -> torch.Tensor:
+def _blend(x: torch.Tensor, p: OpParams, present: frozenset[str]) -> torch.Tensor:
     """Color and Sharpness as torchvision computes them on uint8: float32 blends with the floored gray or
     the rounded blur, truncated back to uint8 (color_jitter's ``apply_jitter`` is the float-image version
     of the same blends, without flooring and truncation, so only ``gray`` is shared)."""
     b, c, h, w = x.shape
     view = (b, 1, 1, 1)
-    is_op = {name: (code == CODE[name]).view(view) for name in PIXEL if name in present}
-    on = torch.zeros(view, dtype=torch.bool, device=x.device)
-    for name, mask in is_op.items():
-        if not (name == "Color" and c == 1):  # saturation is a no-op on 1-channel images
-            on = on | mask
-    f64 = torch.where(on, 1.0 + mag.double().view(view), 1.0)
-    ratio, rest = f64.float(), (1.0 - f64).float()  # python-float factors, as torchvision passes them
+    ratio, rest = p.ratio.view(view), p.rest.view(view)
+    if "Contrast" in present:  # the contrast factor is for the lookup stage, not a blend here
+        is_contrast = (p.code == CODE["Contrast"]).view(view)
+        ratio, rest = torch.where(is_contrast, 1.0, ratio), torch.where(is_contrast, 0.0, rest)
     xf = x.float()
     out = xf
-    if "Color" in is_op:
+    if "Color" in present and c > 1:  # saturation is a no-op on 1-channel images
         out = xf * ratio + _gray(xf) * rest
-    if "Sharpness" in is_op and h > 2 and w > 2:
+    if "Sharpness" in present and h > 2 and w > 2:
         sharp = xf.clone()
         inner = sharp[..., 1:-1, 1:-1]
         # torchvision's 3x3 kernel (1s around, 5 in the middle, / 13) as integer box sums: the exact value
@@ -236,46 +283,32 @@ def _blend(x: torch.Tensor, code: torch.Tensor, mag: torch.Tensor, present: froz
         box = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
         blurred = box.add_(inner, alpha=4.0).div_(13.0).round_()
         inner.add_(blurred.sub_(inner).mul_(rest))  # torchvision: view.add_(blurred - view, alpha=1 - f)
-        out = torch.where(is_op["Sharpness"], sharp, out) if "Color" in is_op else sharp
+        # Color images got a blend factor too: keep the sharpened pixels of Sharpness images only
+        out = torch.where((p.code == CODE["Sharpness"]).view(view), sharp, out) if "Color" in present else sharp
     return out.clamp_(0, 255).to(torch.uint8)
 
 
-def _lookup(x: torch.Tensor, code: torch.Tensor, mag: torch.Tensor, present: frozenset[str]) -> torch.Tensor:
+def _lookup(x: torch.Tensor, p: OpParams, present: frozenset[str]) -> torch.Tensor:
     """The ops whose output pixel depends only on its input value and per-image (per-channel) statistics,
-    as one lookup table per image (per channel) and one gather: Brightness, Contrast (blend with the mean
-    gray), Posterize, Solarize, Invert, AutoContrast (per-channel min/max) and Equalize (per-channel
-    histogram). Each entry is torchvision's float32 arithmetic on that value, so the result is the same as
-    computing every pixel; images with other ops get the identity table. The tables are [B, 1, 256], one
-    for all channels, unless a per-channel op (AutoContrast, Equalize) can occur: [B, C, 256]."""
+    as one lookup table per image (per channel) and one gather: Brightness, Posterize, Solarize, Invert
+    (``OpParams.table``), Contrast (blend with the mean gray), AutoContrast (per-channel min/max) and
+    Equalize (per-channel histogram). Each entry is torchvision's float32 arithmetic on that value, so
+    the result is the same as computing every pixel; images with other ops get the identity table. The
+    tables are [B, 1, 256], one for all channels, unless a per-channel op (AutoContrast, Equalize) can
+    occur: [B, C, 256]."""
     b, c, h, w = x.shape
-    dev = x.device
     k = c if present & {"AutoContrast", "Equalize"} else 1  # tables per image, or per image and channel
-    v = torch.arange(256, device=dev, dtype=torch.float32).view(1, 1, 256)  # every possible input value
-    lut = torch.arange(256, device=dev, dtype=torch.uint8).expand(b, k, 256)
+    v = torch.arange(256, device=x.device, dtype=torch.float32).view(1, 1, 256)  # every possible input value
+    lut = p.table.view(b, 1, 256).expand(b, k, 256)
 
     def where(name: str, table: torch.Tensor) -> torch.Tensor:
-        return torch.where((code == CODE[name]).view(b, 1, 1), table, lut)
-
-    def mags(name: str) -> torch.Tensor:
-        return torch.where(code == CODE[name], mag.double(), 0.0).view(b, 1, 1)
+        return torch.where((p.code == CODE[name]).view(b, 1, 1), table, lut)
 
     channels = x.reshape(b, c, h * w)
-    if "Brightness" in present:  # x * f, clamped, truncated
-        lut = where("Brightness", (v * (1.0 + mags("Brightness")).float()).clamp_(0, 255).to(torch.uint8))
     if "Contrast" in present:  # blend with the image's mean (floored) gray
-        f64 = 1.0 + mags("Contrast")
         mean = _gray(x.float()).mean(dim=(1, 2, 3)).view(b, 1, 1)
-        table = v * f64.float() + mean * (1.0 - f64).float()
+        table = v * p.ratio.view(b, 1, 1) + mean * p.rest.view(b, 1, 1)
         lut = where("Contrast", table.clamp_(0, 255).to(torch.uint8))
-    if "Posterize" in present:  # keep the top ``bits`` bits
-        bits = torch.where(code == CODE["Posterize"], mag.to(torch.int64), 8).view(b, 1, 1)
-        mask = (255 << (8 - bits)) & 255
-        lut = where("Posterize", (torch.arange(256, device=dev).view(1, 1, 256) & mask).to(torch.uint8))
-    if "Solarize" in present:  # invert values >= 255 * magnitude
-        thr = (255.0 * mags("Solarize")).float()
-        lut = where("Solarize", torch.where(v >= thr, 255.0 - v, v).to(torch.uint8))
-    if "Invert" in present:
-        lut = where("Invert", (255.0 - v).to(torch.uint8))
     if "AutoContrast" in present:  # stretch each channel's [min, max] to [0, 255]
         lo = channels.amin(dim=2, keepdim=True).float()
         hi = channels.amax(dim=2, keepdim=True).float()
@@ -309,28 +342,49 @@ def _equalize_lut(channels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.where(step.ne(0), table, identity).to(torch.uint8)
 
 
+VALUE_OPS = frozenset(("Brightness", "Posterize", "Solarize", "Invert"))  # all in OpParams.table
+
+
+def _apply(x: torch.Tensor, p: OpParams, present: frozenset[str]) -> torch.Tensor:
+    if present & set(GEOMETRIC):
+        x = _geometric(x, p)
+    if present & set(PIXEL):
+        x = _blend(x, p, present)
+    if present & set(LOOKUP):
+        x = _lookup(x, p, present)
+    return x
+
+
 def apply_ops(x: torch.Tensor, code: torch.Tensor, mag: torch.Tensor,
               present: frozenset[str] = frozenset(OPS)) -> torch.Tensor:
     """Apply op ``OPS[code[i]]`` with signed magnitude ``mag[i]`` to image i, for the whole batch.
 
     ``present``: the ops that can occur (others are assumed absent and their stages skipped).
     """
-    if present & set(GEOMETRIC):
-        x = _geometric(x, code, mag)
-    if present & set(PIXEL):
-        x = _blend(x, code, mag, present)
-    if present & set(LOOKUP):
-        x = _lookup(x, code, mag, present)
-    return x
+    return _apply(x, op_params(code, mag, x.shape[2], x.shape[3]), present)
 
 
 # the stages of apply_ops (0: Identity, nothing to do) and, per op code, the stage it belongs to
 # (the lookup ops that need image statistics get their own groups, so each group computes only its own)
 STAGE_OPS = (frozenset(("Identity",)), frozenset(GEOMETRIC), frozenset(("Color",)), frozenset(("Sharpness",)),
-             frozenset(("Brightness", "Posterize", "Solarize", "Invert")), frozenset(("Contrast",)),
-             frozenset(("AutoContrast",)), frozenset(("Equalize",)))
+             VALUE_OPS, frozenset(("Contrast",)), frozenset(("AutoContrast",)), frozenset(("Equalize",)))
 STAGE_OF = torch.tensor([next(i for i, ops in enumerate(STAGE_OPS) if op in ops) for op in OPS])
 GROUP_ON_CPU = True  # False: the accelerator path everywhere (tests use it to prove it never syncs)
+
+
+def _apply_grouped(x: torch.Tensor, p: OpParams) -> torch.Tensor:
+    stage = STAGE_OF[p.code]
+    counts = torch.bincount(stage, minlength=len(STAGE_OPS)).tolist()
+    order = torch.argsort(stage, stable=True)
+    # index_select, not x[order]: advanced indexing of a uint8 batch is ~10x slower on CPU
+    xs, ps = x.index_select(0, order), p.take(order)  # images sorted by stage
+    parts = [xs[: counts[0]]]  # Identity
+    start = counts[0]
+    for ops, n in zip(STAGE_OPS[1:], counts[1:], strict=True):
+        if n:
+            parts.append(_apply(xs[start : start + n], ps.take(slice(start, start + n)), ops))
+        start += n
+    return torch.cat(parts).index_select(0, torch.argsort(order))  # back to the batch order
 
 
 def apply_grouped(x: torch.Tensor, code: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
@@ -339,36 +393,27 @@ def apply_grouped(x: torch.Tensor, code: torch.Tensor, mag: torch.Tensor) -> tor
     Grouping needs the group sizes on the host, so it is used where the draws already live there (CPU);
     on an accelerator :func:`apply_ops` runs every stage on the whole batch instead, with no sync.
     """
-    stage = STAGE_OF.to(code.device)[code]
-    counts = torch.bincount(stage, minlength=len(STAGE_OPS)).tolist()
-    order = torch.argsort(stage, stable=True)
-    # index_select, not x[order]: advanced indexing of a uint8 batch is ~10x slower on CPU
-    xs, cs, ms = x.index_select(0, order), code[order], mag[order]  # images sorted by stage
-    parts = [xs[: counts[0]]]  # Identity
-    start = counts[0]
-    for ops, n in zip(STAGE_OPS[1:], counts[1:], strict=True):
-        if n:
-            parts.append(apply_ops(xs[start : start + n], cs[start : start + n], ms[start : start + n], ops))
-        start += n
-    return torch.cat(parts).index_select(0, torch.argsort(order))  # back to the batch order
+    return _apply_grouped(x, op_params(code, mag, x.shape[2], x.shape[3]))
 
 
 # ----------------------------------------------------------------------------------------------------
 # policies: per-image draws of (op, signed magnitude) per slot
 
 
-def _magnitude_table(space: dict[str, tuple[Magnitudes, bool]], bins: int, h: int,
-                     w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes [n], magnitudes [n, bins] float64 (0 where an op has none), signed [n]) of a space."""
-    names = list(space)
-    mags = torch.zeros(len(names), bins, dtype=torch.float64)
+def _variants(space: dict[str, tuple[Magnitudes, bool]], bins: int, h: int,
+              w: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Every (op, bin, sign) of a space, in the order ``variant = (op * bins + bin) * 2 + flip``: (op
+    names, codes [V], signed magnitudes [V] float64). Identity is appended where the space lacks it
+    (AutoAugment's sub-policies skip an op with probability 1 - p)."""
+    names = list(space) + ([] if "Identity" in space else ["Identity"])
+    mags = torch.zeros(len(names), bins, 2, dtype=torch.float64)
     for i, name in enumerate(names):
-        m = space[name][0](bins, h, w)
+        m = space.get(name, (_NONE, False))[0](bins, h, w)
         if m is not None:
-            mags[i] = m.double()
-    codes = torch.tensor([CODE[n] for n in names])
-    signed = torch.tensor([space[n][1] for n in names])
-    return codes, mags, signed
+            mags[i, :, 0] = m.double()
+            mags[i, :, 1] = -m.double() if space[name][1] else m.double()  # flip: only signed ops
+    codes = torch.tensor([CODE[n] for n in names]).repeat_interleave(bins * 2)
+    return names, codes, mags.view(-1)
 
 
 @dataclass(frozen=True)
@@ -394,53 +439,55 @@ class Policy:
             return frozenset(op for sub in AUTO_POLICIES[self.policy] for op, p, _ in sub if p > 0)
         return frozenset(self.space)
 
-    def _table(self, h: int, w: int, device: torch.device) -> dict[str, torch.Tensor]:
-        key = (h, w, str(device))  # cached: building tables per batch would be a host->device copy each time
+    def _table(self, h: int, w: int, device: torch.device) -> dict[str, Any]:
+        """The draw tables and every variant's :class:`OpParams`, built on the host once per image size and
+        device and copied without blocking (a table built per batch would cost a host->device copy each)."""
+        key = (h, w, str(device))
         if key not in self._tables:
-            codes, mags, signed = _magnitude_table(self.space, self.num_bins, h, w)
-            by_code = torch.zeros(len(OPS), self.num_bins, dtype=torch.float64)
-            by_code[codes] = mags
-            signed_by_code = torch.zeros(len(OPS), dtype=torch.bool)
-            signed_by_code[codes] = signed
-            t = {"codes": codes, "mags": by_code, "signed": signed_by_code}
+            names, codes, mags = _variants(self.space, self.num_bins, h, w)
+            t: dict[str, Any] = {"ops": len(self.space), "params": op_params(codes, mags, h, w).to(device)}
             if self.kind == "autoaugment":
                 subs = AUTO_POLICIES[self.policy]
-                t["sub_codes"] = torch.tensor([[CODE[op] for op, _, _ in sub] for sub in subs])
+                t["sub_ops"] = torch.tensor([[names.index(op) for op, _, _ in sub] for sub in subs])
                 t["sub_p"] = torch.tensor([[p for _, p, _ in sub] for sub in subs], dtype=torch.float32)
                 t["sub_bins"] = torch.tensor([[m or 0 for _, _, m in sub] for sub in subs])
-            self._tables[key] = {k: v.to(device, non_blocking=True) for k, v in t.items()}  # no host sync
+                t["identity"] = names.index("Identity")
+            self._tables[key] = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                                 for k, v in t.items()}
         return self._tables[key]
+
+    def draw_variants(self, g: torch.Generator, b: int, h: int, w: int) -> torch.Tensor:
+        """Per-image (op, bin, sign) of each slot: variant indices [slots, B] on the generator's device."""
+        gd = g.device
+        t = self._table(h, w, gd)
+        if self.kind == "autoaugment":
+            sub = torch.randint(0, t["sub_ops"].shape[0], (b,), generator=g, device=gd)
+            apply = torch.rand(2, b, generator=g, device=gd) < t["sub_p"][sub].T
+            op = torch.where(apply, t["sub_ops"][sub].T, t["identity"])
+            bins = t["sub_bins"][sub].T
+        else:
+            op = torch.randint(0, t["ops"], (self.num_ops, b), generator=g, device=gd)
+            if self.magnitude is None:
+                bins = torch.randint(0, self.num_bins, (self.num_ops, b), generator=g, device=gd)
+            else:
+                bins = torch.full((self.num_ops, b), self.magnitude, device=gd)
+        flip = torch.rand(op.shape, generator=g, device=gd) < 0.5  # a no-op for unsigned ops (equal variants)
+        return (op * self.num_bins + bins) * 2 + flip
 
     def draw(self, g: torch.Generator, b: int, h: int, w: int,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image ops and signed magnitudes: (codes [slots, B] long, magnitudes [slots, B] float64)."""
-        gd = g.device
-        t = self._table(h, w, gd)
-        slots = self.num_ops
-        if self.kind == "autoaugment":
-            sub = torch.randint(0, t["sub_codes"].shape[0], (b,), generator=g, device=gd)
-            apply = torch.rand(2, b, generator=g, device=gd) < t["sub_p"][sub].T
-            code = torch.where(apply, t["sub_codes"][sub].T, CODE["Identity"])
-            bins = t["sub_bins"][sub].T
-        else:
-            code = t["codes"][torch.randint(0, len(t["codes"]), (slots, b), generator=g, device=gd)]
-            if self.magnitude is None:
-                bins = torch.randint(0, self.num_bins, (slots, b), generator=g, device=gd)
-            else:
-                bins = torch.full((slots, b), self.magnitude, device=gd)
-        flip = t["signed"][code] & (torch.rand(code.shape, generator=g, device=gd) < 0.5)
-        mag = t["mags"][code, bins] * torch.where(flip, -1.0, 1.0).double()
-        return code.to(device, non_blocking=True), mag.to(device, non_blocking=True)
+        p = self._table(h, w, g.device)["params"]
+        var = self.draw_variants(g, b, h, w)
+        return p.code[var].to(device, non_blocking=True), p.mag[var].to(device, non_blocking=True)
 
     def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         b, _, h, w = x.shape
-        code, mag = self.draw(g, b, h, w, x.device)
-        present = self.present
-        for s in range(code.shape[0]):
-            if GROUP_ON_CPU and code.device.type == "cpu":  # draws in host memory: grouping costs no sync
-                x = apply_grouped(x, code[s], mag[s])
-            else:
-                x = apply_ops(x, code[s], mag[s], present)
+        var = self.draw_variants(g, b, h, w).to(x.device, non_blocking=True)
+        params: OpParams = self._table(h, w, x.device)["params"]
+        grouped = GROUP_ON_CPU and var.device.type == "cpu"  # draws in host memory: grouping costs no sync
+        for s in range(var.shape[0]):
+            x = _apply_grouped(x, params.take(var[s])) if grouped else _apply(x, params.take(var[s]), self.present)
         return x
 
 
