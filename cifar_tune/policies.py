@@ -201,9 +201,6 @@ class OpParams:
     ratio: torch.Tensor  # float32: Color/Contrast/Sharpness blend factor 1 + magnitude (1 for others)
     rest: torch.Tensor  # float32: 1 - factor, computed in float64 as torchvision's python floats are
 
-    def take(self, index: torch.Tensor | slice) -> OpParams:
-        return OpParams(*(getattr(self, f.name)[index] for f in fields(self)))
-
     def to(self, device: torch.device) -> OpParams:
         # non-blocking: a blocking host->device copy is a host sync in the step loop
         return OpParams(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)))
@@ -223,7 +220,7 @@ def op_params(code: torch.Tensor, mag: torch.Tensor, h: int, w: int) -> OpParams
 # the batched kernels: x uint8 [B, C, H, W], p: OpParams of its B images
 
 
-def _geometric(x: torch.Tensor, p: OpParams) -> torch.Tensor:
+def _geometric(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Per-image affine maps with torchvision's grid (``_affine_grid``) and nearest sampling, zero fill.
 
     The grid is torchvision's base grid times the per-image matrix rescaled to [-1, 1], written as
@@ -232,7 +229,7 @@ def _geometric(x: torch.Tensor, p: OpParams) -> torch.Tensor:
     elementwise pass strided, ~5x slower on CPU.
     """
     b, c, h, w = x.shape
-    t = p.theta  # [B, 2 (x, y), 3]
+    t = theta  # [B, 2 (x, y), 3]
     xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=x.device).view(1, 1, w)
     ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=x.device).view(1, h, 1)
 
@@ -260,15 +257,16 @@ def _gray(xf: torch.Tensor) -> torch.Tensor:
     return xf if xf.shape[1] == 1 else gray(xf).floor_()
 
 
-def _blend(x: torch.Tensor, p: OpParams, present: frozenset[str]) -> torch.Tensor:
+def _blend(x: torch.Tensor, code: torch.Tensor, ratio: torch.Tensor, rest: torch.Tensor,
+           present: frozenset[str]) -> torch.Tensor:
     """Color and Sharpness as torchvision computes them on uint8: float32 blends with the floored gray or
     the rounded blur, truncated back to uint8 (color_jitter's ``apply_jitter`` is the float-image version
     of the same blends, without flooring and truncation, so only ``gray`` is shared)."""
     b, c, h, w = x.shape
     view = (b, 1, 1, 1)
-    ratio, rest = p.ratio.view(view), p.rest.view(view)
+    ratio, rest = ratio.view(view), rest.view(view)
     if "Contrast" in present:  # the contrast factor is for the lookup stage, not a blend here
-        is_contrast = (p.code == CODE["Contrast"]).view(view)
+        is_contrast = (code == CODE["Contrast"]).view(view)
         ratio, rest = torch.where(is_contrast, 1.0, ratio), torch.where(is_contrast, 0.0, rest)
     xf = x.float()
     out = xf
@@ -284,11 +282,12 @@ def _blend(x: torch.Tensor, p: OpParams, present: frozenset[str]) -> torch.Tenso
         blurred = box.add_(inner, alpha=4.0).div_(13.0).round_()
         inner.add_(blurred.sub_(inner).mul_(rest))  # torchvision: view.add_(blurred - view, alpha=1 - f)
         # Color images got a blend factor too: keep the sharpened pixels of Sharpness images only
-        out = torch.where((p.code == CODE["Sharpness"]).view(view), sharp, out) if "Color" in present else sharp
+        out = torch.where((code == CODE["Sharpness"]).view(view), sharp, out) if "Color" in present else sharp
     return out.clamp_(0, 255).to(torch.uint8)
 
 
-def _lookup(x: torch.Tensor, p: OpParams, present: frozenset[str]) -> torch.Tensor:
+def _lookup(x: torch.Tensor, code: torch.Tensor, value_table: torch.Tensor, ratio: torch.Tensor,
+            rest: torch.Tensor, present: frozenset[str]) -> torch.Tensor:
     """The ops whose output pixel depends only on its input value and per-image (per-channel) statistics,
     as one lookup table per image (per channel) and one gather: Brightness, Posterize, Solarize, Invert
     (``OpParams.table``), Contrast (blend with the mean gray), AutoContrast (per-channel min/max) and
@@ -299,15 +298,15 @@ def _lookup(x: torch.Tensor, p: OpParams, present: frozenset[str]) -> torch.Tens
     b, c, h, w = x.shape
     k = c if present & {"AutoContrast", "Equalize"} else 1  # tables per image, or per image and channel
     v = torch.arange(256, device=x.device, dtype=torch.float32).view(1, 1, 256)  # every possible input value
-    lut = p.table.view(b, 1, 256).expand(b, k, 256)
+    lut = value_table.view(b, 1, 256).expand(b, k, 256)
 
     def where(name: str, table: torch.Tensor) -> torch.Tensor:
-        return torch.where((p.code == CODE[name]).view(b, 1, 1), table, lut)
+        return torch.where((code == CODE[name]).view(b, 1, 1), table, lut)
 
     channels = x.reshape(b, c, h * w)
     if "Contrast" in present:  # blend with the image's mean (floored) gray
         mean = _gray(x.float()).mean(dim=(1, 2, 3)).view(b, 1, 1)
-        table = v * p.ratio.view(b, 1, 1) + mean * p.rest.view(b, 1, 1)
+        table = v * ratio.view(b, 1, 1) + mean * rest.view(b, 1, 1)
         lut = where("Contrast", table.clamp_(0, 255).to(torch.uint8))
     if "AutoContrast" in present:  # stretch each channel's [min, max] to [0, 255]
         lo = channels.amin(dim=2, keepdim=True).float()
@@ -345,13 +344,21 @@ def _equalize_lut(channels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 VALUE_OPS = frozenset(("Brightness", "Posterize", "Solarize", "Invert"))  # all in OpParams.table
 
 
-def _apply(x: torch.Tensor, p: OpParams, present: frozenset[str]) -> torch.Tensor:
+def _apply(x: torch.Tensor, p: OpParams, present: frozenset[str], rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply entry ``rows[i]`` of ``p`` to image i (entry i where ``rows`` is None); each stage reads only
+    the fields it needs, so only those are gathered."""
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t if rows is None else t.index_select(0, rows)
+
     if present & set(GEOMETRIC):
-        x = _geometric(x, p)
-    if present & set(PIXEL):
-        x = _blend(x, p, present)
-    if present & set(LOOKUP):
-        x = _lookup(x, p, present)
+        x = _geometric(x, pick(p.theta))
+    if present - set(GEOMETRIC):
+        code, ratio, rest = pick(p.code), pick(p.ratio), pick(p.rest)
+        if present & set(PIXEL):
+            x = _blend(x, code, ratio, rest, present)
+        if present & set(LOOKUP):
+            x = _lookup(x, code, pick(p.table), ratio, rest, present)
     return x
 
 
@@ -372,17 +379,18 @@ STAGE_OF = torch.tensor([next(i for i, ops in enumerate(STAGE_OPS) if op in ops)
 GROUP_ON_CPU = True  # False: the accelerator path everywhere (tests use it to prove it never syncs)
 
 
-def _apply_grouped(x: torch.Tensor, p: OpParams) -> torch.Tensor:
-    stage = STAGE_OF[p.code]
+def _apply_grouped(x: torch.Tensor, p: OpParams, rows: torch.Tensor | None = None) -> torch.Tensor:
+    stage = STAGE_OF[p.code if rows is None else p.code.index_select(0, rows)]
     counts = torch.bincount(stage, minlength=len(STAGE_OPS)).tolist()
     order = torch.argsort(stage, stable=True)
     # index_select, not x[order]: advanced indexing of a uint8 batch is ~10x slower on CPU
-    xs, ps = x.index_select(0, order), p.take(order)  # images sorted by stage
+    xs = x.index_select(0, order)  # images sorted by stage, and their entries
+    sorted_rows = order if rows is None else rows.index_select(0, order)
     parts = [xs[: counts[0]]]  # Identity
     start = counts[0]
     for ops, n in zip(STAGE_OPS[1:], counts[1:], strict=True):
         if n:
-            parts.append(_apply(xs[start : start + n], ps.take(slice(start, start + n)), ops))
+            parts.append(_apply(xs[start : start + n], p, ops, sorted_rows[start : start + n]))
         start += n
     return torch.cat(parts).index_select(0, torch.argsort(order))  # back to the batch order
 
@@ -487,7 +495,7 @@ class Policy:
         params: OpParams = self._table(h, w, x.device)["params"]
         grouped = GROUP_ON_CPU and var.device.type == "cpu"  # draws in host memory: grouping costs no sync
         for s in range(var.shape[0]):
-            x = _apply_grouped(x, params.take(var[s])) if grouped else _apply(x, params.take(var[s]), self.present)
+            x = _apply_grouped(x, params, var[s]) if grouped else _apply(x, params, self.present, var[s])
         return x
 
 
