@@ -214,6 +214,30 @@ def test_policies_in_the_pipeline_any_size_no_host_sync(cfg: dict[str, Any], mon
     assert len({bytes(r.numpy()) for r in res}) > 4  # per-image draws, not one draw per batch
 
 
+POLICY_CASES = [("randaugment", {"num_ops": 2, "magnitude": 9}),
+                ("randaugment", {"num_ops": 3, "magnitude": 20, "num_magnitude_bins": 21}),
+                ("trivialaugment", {}), *[("autoaugment", {"policy": name}) for name in sorted(P.AUTO_POLICIES)]]
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "whole-batch"])
+@pytest.mark.parametrize(("name", "cfg"), POLICY_CASES, ids=[f"{n}-{c}" for n, c in POLICY_CASES])
+def test_policy_equals_its_draws_applied_op_by_op(name: str, cfg: dict[str, Any], grouped: bool,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A policy applies parameters it precomputed once per (op, bin, sign); they must be what the ops
+    compute from each image's own (op, signed magnitude): the policy's output is its draws applied slot
+    by slot with ``apply_ops`` (which is itself compared with torchvision above)."""
+    monkeypatch.setattr(P, "GROUP_ON_CPU", grouped)
+    policy = AUGMENTS.build(name, **cfg)
+    for c, h, w in ((3, 24, 28), (1, 32, 32)):
+        x = _images(b=96, c=c, h=h, w=w, seed=7)
+        code, mag = policy.draw(torch.Generator().manual_seed(4), 96, h, w, torch.device("cpu"))
+        want = x
+        for s in range(code.shape[0]):
+            want = P.apply_ops(want, code[s], mag[s])
+        assert not torch.equal(want, x)
+        assert torch.equal(policy(x, torch.Generator().manual_seed(4)), want)
+
+
 def test_grouped_cpu_path_equals_whole_batch_path() -> None:
     x = _images(b=64, h=24, w=24, seed=5)
     policy = AUGMENTS.build("trivialaugment")
