@@ -393,22 +393,30 @@ def hue_shift(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     Works on any non-negative scale (0..1 or 0..255): HSV's hue and saturation are scale-free and V is
     the channel maximum. HSV -> RGB uses the closed form ``c = V - V S max(0, min(k, 4 - k, 1))`` with
     ``k = (n + 6 H) mod 6``, which equals torchvision's sextant table without its gather.
+
+    Written in arithmetic only: on CPU, ``torch.where`` and comparisons into bool masks run
+    unvectorised (a ``where`` costs ~25 arithmetic passes), so the channel holding the maximum is
+    ``1 - sign(max - channel)`` and the wrap of k is a second clamped term instead of a ``where``.
     """
     # contiguous channel planes [B, H, W]: elementwise ops on strided channel views are several times slower
     r, g, b = x.transpose(0, 1).contiguous().unbind(0)
     maxc, minc = torch.maximum(torch.maximum(r, g), b), torch.minimum(torch.minimum(r, g), b)
     chroma = maxc - minc  # = V * S
-    inv = torch.where(chroma > 0, chroma, 1.0).reciprocal_()
-    h6 = torch.where(maxc == r, g - b, torch.where(maxc == g, (b - r).add_(chroma, alpha=2.0), (r - g).add_(chroma, alpha=4.0)))
-    # hue in sextants, shifted, then wrapped to [0, 6): one floor, not a remainder per channel
-    h6 = h6.mul_(inv).add_(6.0 * turns.view(-1, 1, 1))
+    # 1 where the maximum is red, else 1 where it is green (red wins ties, then green, as in torchvision)
+    is_r = torch.sign(maxc - r).neg_().add_(1.0)
+    is_g = torch.sign(maxc - g).neg_().add_(1.0).mul_(1.0 - is_r)
+    h6 = (g - b).mul_(is_r)
+    h6 += (b - r).add_(chroma, alpha=2.0).mul_(is_g)
+    h6 += (r - g).add_(chroma, alpha=4.0).mul_((1.0 - is_r).sub_(is_g))
+    # hue in sextants (a gray pixel has chroma 0 and h6 0: any finite divisor), shifted, wrapped to [0, 6)
+    h6 = h6.div_(chroma + 1e-30).add_(6.0 * turns.view(-1, 1, 1))
     h6 = h6.sub_(torch.floor(h6 * (1.0 / 6.0)).mul_(6.0))
-    out = []
-    for offset in _SEXTANT_OFFSETS:  # R, G, B
-        k = h6 + offset  # in [1, 11): at most one more wrap
-        k = torch.where(k >= 6.0, k - 6.0, k)
-        out.append(maxc - chroma * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0))
-    return torch.stack(out, dim=1)
+    out = torch.empty_like(x)
+    for i, offset in enumerate(_SEXTANT_OFFSETS):  # R, G, B
+        k = h6 + offset  # in [1, 11): at most one more wrap, k - 6 on [6, 11)
+        f = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0).add_(torch.minimum(k - 6.0, 10.0 - k).clamp_(0.0, 1.0))
+        torch.sub(maxc, f.mul_(chroma), out=out[:, i])
+    return out
 
 
 def _jitter_order(g: torch.Generator, n: int, ops: int, hue: int | None,
@@ -494,8 +502,8 @@ def apply_jitter(x: torch.Tensor, names: Sequence[str], factors: Mapping[str, to
                 gx = gray(x) if c == 3 else x
                 target = gx.mean(dim=(1, 2, 3), keepdim=True) * is_op["contrast"] if "contrast" in is_op \
                     else torch.zeros_like(f)
-                if "saturation" in is_op:
-                    target = torch.where(is_op["saturation"], gx, target)
+                if "saturation" in is_op:  # the pixel's gray for saturation images (no full-size where: slow on CPU)
+                    target = gx * is_op["saturation"].float() + target
                 x = torch.addcmul(target * (1 - f), x, f).clamp_(0, 255)
             else:
                 x = x.mul_(f).clamp_(0, 255)

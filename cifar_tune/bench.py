@@ -37,6 +37,7 @@ from torch import nn
 
 from cifar_tune.augment import BatchAugment, build_augment
 from cifar_tune.data import Split, make_synthetic
+from cifar_tune.devices import keep_host_memory
 from cifar_tune.models import build_model
 from cifar_tune.optim import build_optimizer
 from cifar_tune.spec import SyntheticSpec
@@ -599,6 +600,7 @@ def _target_checks(model: str, ratios: dict[str, float], search: dict[str, Any] 
 
 
 def run_bench(opts: BenchOptions, out: Callable[[str], None] = print) -> dict[str, Any]:
+    keep_host_memory()  # as every training process does (Trainer): all rows run under the same allocator
     report: dict[str, Any] = {"options": asdict(opts), "env": environment(opts.device)}
     if opts.only_policies:
         report.update(threads=opts.threads or torch.get_num_threads(), rows={}, ratios={})
@@ -617,6 +619,7 @@ def run_bench(opts: BenchOptions, out: Callable[[str], None] = print) -> dict[st
 
 def environment(device: str) -> dict[str, Any]:
     env: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
+                           "host_memory_kept": keep_host_memory(),
                            "machine": platform.machine(), "cores": os.cpu_count(),
                            "load_avg_1m": round(os.getloadavg()[0], 1)}  # the machine may be shared
     if torch.device(device).type == "cuda":

@@ -9,7 +9,10 @@ workers, so "cuda if available" would put every CPU trial on GPU 0 behind the sc
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
+import os
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -20,6 +23,36 @@ MIB = 2**20
 # Not seen by PyTorch's allocator but taken on the GPU by every process: CUDA context, cuBLAS/cuDNN
 # handles and workspaces. Measured on an H200 with torch 2.11 / CUDA 13 (experiments/results/bench_gpu.md).
 CUDA_CONTEXT_MB = 600.0
+
+
+# glibc's mallopt parameters (malloc.h) and its ceiling for the mmap threshold on 64-bit systems
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX_BYTES = 32 * MIB
+_host_memory_kept = False
+
+
+def keep_host_memory(trim_threshold_bytes: int = 1024 * MIB) -> bool:
+    """Let glibc's malloc keep freed memory for reuse instead of handing it back to the OS; True if set.
+
+    PyTorch has no caching allocator for CPU tensors. By default glibc serves a tensor over 128 KiB-32 MiB
+    either with a fresh ``mmap`` or from heap top it trims after each free, so every temporary of the
+    batched augmentation (a [256, 32, 32] float plane is 1 MiB) is new memory and page-faults on first
+    touch: the exact hue kernel ran ~4x slower for it (README, Performance). Serving such blocks from the
+    heap and trimming only above ``trim_threshold_bytes`` keeps a training process's peak resident,
+    which it reaches again every step anyway. Off with ``CIFAR_TUNE_KEEP_HOST_MEMORY=0``; a no-op off
+    glibc (macOS, Windows, musl).
+    """
+    global _host_memory_kept
+    if _host_memory_kept or os.environ.get("CIFAR_TUNE_KEEP_HOST_MEMORY", "1") == "0" or sys.platform != "linux":
+        return _host_memory_kept
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    _host_memory_kept = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX_BYTES)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, trim_threshold_bytes))
+    return _host_memory_kept
 
 
 def device_for_gpus(gpu_ids: Sequence[int | str], *, visible_devices: str | None,

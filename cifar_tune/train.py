@@ -20,7 +20,7 @@ from torch import nn
 
 from cifar_tune.augment import build_augment, normalize
 from cifar_tune.data import Split
-from cifar_tune.devices import peak_memory_mb
+from cifar_tune.devices import keep_host_memory, peak_memory_mb
 from cifar_tune.optim import build_optimizer, build_schedule
 from cifar_tune.transfer import param_groups, scale_lrs
 
@@ -148,6 +148,7 @@ class Trainer:
         strict_sync: bool = False,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
+        keep_host_memory()  # the batched augmentation's temporaries: reused, not page-faulted in per step
         self.strict_sync = strict_sync
         self.opts = TrainOptions(**config.get("train", {}))
         self.train, self.val, self.epochs = train, val, epochs
