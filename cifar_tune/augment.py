@@ -435,11 +435,16 @@ def _jitter_order(g: torch.Generator, n: int, ops: int, hue: int | None,
     by_position = torch.randperm(n, generator=g, device=g.device)  # images by hue position
     sizes = [n // ops + (p < n % ops) for p in range(ops)]
     hue_pos = torch.empty(n, dtype=torch.long, device=g.device)
-    # output_size given and the sizes copied without blocking: no host sync (strict_sync on CUDA)
-    hue_pos[by_position] = torch.repeat_interleave(torch.arange(ops, device=g.device),
-                                                   to_device(torch.tensor(sizes), g.device), output_size=n)
+    # the j-th image of by_position sits at position j // (q + 1) among the first r * (q + 1) (the
+    # positions of size q + 1), after that at r + (j - r * (q + 1)) // q: computed on the device from
+    # Python ints, so no host tensor is made and copied per batch (a pageable copy on CUDA, which a
+    # CUDA graph cannot capture)
+    q, r = divmod(n, ops)
+    j = torch.arange(n, device=g.device)
+    hue_pos[by_position] = torch.where(j < r * (q + 1), j // (q + 1), r + (j - r * (q + 1)) // max(q, 1))
     pos = torch.arange(ops, device=g.device).expand(n, ops)
-    others = to_device(torch.tensor([i for i in range(ops) if i != hue]), g.device)
+    others = torch.arange(ops - 1, device=g.device)
+    others = others + (others >= hue).long()  # the op indices other than hue, in order
     skip_hue = pos - (pos > hue_pos[:, None]).long()  # position among the non-hue ops
     order = torch.where(pos == hue_pos[:, None], hue, others[rest.gather(1, skip_hue.clamp(max=ops - 2))]) if ops > 1 \
         else torch.full((n, 1), hue, device=g.device)
@@ -609,6 +614,18 @@ def normalize(x_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]
         raise ValueError(f"mean/std have {len(mean)}/{len(std)} values for {x_uint8.shape[1]} channels")
     a, b = _channel_params(mean, std, x_uint8.device, 255.0)
     return x_uint8.to(torch.float32).mul_(a).add_(b)
+
+
+def normalizer(mean: Sequence[float], std: Sequence[float], device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`normalize` with its constants made on ``device`` once: per batch, no host tensor and no copy."""
+    a, b = _channel_params(mean, std, device, 255.0)
+
+    def norm(x_uint8: torch.Tensor) -> torch.Tensor:
+        if a.shape[1] != x_uint8.shape[1]:
+            raise ValueError(f"mean/std have {a.shape[1]} values for {x_uint8.shape[1]} channels")
+        return x_uint8.to(torch.float32).mul_(a).add_(b)
+
+    return norm
 
 
 class BatchAugment:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifar_tune.augment import build_augment, normalize
+from cifar_tune.augment import build_augment, normalizer
 from cifar_tune.data import Split
 from cifar_tune.devices import keep_host_memory, peak_memory_mb
 from cifar_tune.optim import build_optimizer, build_schedule
@@ -80,9 +81,27 @@ def prepare_model(model: nn.Module, device: torch.device, opts: TrainOptions) ->
         model = model.to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed 32x32 shapes: let cuDNN pick the fastest kernels
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     return model
+
+
+@contextlib.contextmanager
+def precision_flags(precision: str) -> Iterator[None]:
+    """TF32 for float32 matmuls and convolutions exactly when ``precision`` allows reduced precision.
+
+    ``fp32`` means IEEE float32 everywhere: TF32 keeps 10 mantissa bits, so leaving it on would run an
+    fp32 trial at about bf16-like matmul precision without saying so. ``auto``/``bf16`` already compute
+    in bf16 under autocast, so the ops outside it may use TF32. The flags are process-wide (and
+    harmless without CUDA): set for the block, restored after, so other code in the process (a
+    neighbouring trial's driver, a test) sees its own settings.
+    """
+    tf32 = precision != "fp32"
+    previous = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
 @contextlib.contextmanager
@@ -189,7 +208,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
         seen = 0
-        with _no_host_sync(device, self.strict_sync):
+        with precision_flags(opts.precision), _no_host_sync(device, self.strict_sync):
             for idx in _batches(len(self.train), opts.batch_size, self.gen, device):
                 yb = self.y_all[idx]
                 xb, targets = self.augment(self.x_all[idx], yb, self.gen)
@@ -240,7 +259,10 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain Python only (``torch.load(..., weights_only=True)`` reads it back)."""
-        rng: dict[str, Any] = {"torch": torch.get_rng_state(), "generator": self.gen.get_state()}
+        # the generator's kind travels with its state: a CUDA (Philox) state cannot seed a CPU (Mersenne
+        # Twister) generator, and a checkpoint may be resumed on the other kind of device
+        rng: dict[str, Any] = {"torch": torch.get_rng_state(), "generator": self.gen.get_state(),
+                               "generator_device": self.gen.device.type}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
@@ -266,11 +288,35 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         if self.device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-        self.gen.set_state(state["rng"]["generator"])
+        _restore_generator(self.gen, state["rng"])
         self.epoch = int(state["epoch"])
         self.history = [dict(m) for m in state["history"]]
         self.train_time_s = float(state["train_time_s"])
         self.status = state["status"]
+
+
+def _generator_kind(rng: Mapping[str, Any]) -> str:
+    """The device type of the generator whose state ``rng`` holds (older checkpoints do not say: a
+    CUDA Philox state is 16 bytes, seed and offset; a CPU Mersenne Twister state is 5056)."""
+    kind = rng.get("generator_device")
+    if kind is not None:
+        return str(kind)
+    return "cuda" if rng["generator"].numel() == 16 else "cpu"
+
+
+def _restore_generator(gen: torch.Generator, rng: Mapping[str, Any]) -> None:
+    """Continue the batch/augmentation stream of a checkpoint on ``gen``.
+
+    Same kind of device: the exact stream. Another kind (a GPU trial resumed on a CPU worker after
+    ``gpus_per_trial`` changed, a mixed cluster): the two generators are different algorithms, so no
+    state of one continues the other's stream; ``gen`` is seeded from the saved state instead, which
+    keeps a resumed run deterministic (same checkpoint, same draws) without replaying the old stream.
+    """
+    state = rng["generator"]
+    if _generator_kind(rng) == gen.device.type:
+        gen.set_state(state)
+    else:
+        gen.manual_seed(zlib.crc32(state.cpu().numpy().tobytes()))
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -304,7 +350,7 @@ def fit(
     receives each epoch's metrics. A non-finite training loss ends the run with status ``diverged``.
     """
     trainer = Trainer(model, train, val, config, epochs=epochs, num_classes=num_classes, mean=mean, std=std,
-                      seed=seed, device=device)
+                      seed=seed, device=device, strict_sync=strict_sync)
     while not trainer.done:
         metrics = trainer.run_epoch()
         if on_epoch:
@@ -325,7 +371,13 @@ def evaluate(
     channels_last: bool = False,
     precision: str = "auto",
 ) -> EvalResult:
-    """Loss, top-1, top-5, per-class accuracy and confusion matrix; one host sync at the end."""
+    """Loss, top-1, top-5, per-class accuracy and confusion matrix; one host sync at the end.
+
+    Nothing per batch makes a host tensor or copies from the host: a split on the host is copied to
+    ``device`` once, the normalisation constants are made once, and the confusion matrix is counted
+    with ``scatter_add_`` (CUDA ``bincount`` reads its input's maximum back to size its output: a
+    sync per batch, even with ``minlength``).
+    """
     device = torch.device(device) if device is not None else default_device()
     was_training = model.training
     model.eval()
@@ -334,18 +386,22 @@ def evaluate(
     top5 = torch.zeros((), device=device, dtype=torch.long)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
     k = min(5, num_classes)
-    for start in range(0, len(split), batch_size):
-        xb = normalize(split.x[start : start + batch_size].to(device), mean, std)
-        yb = split.y[start : start + batch_size].to(device)
-        if channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, precision):
-            logits = model(xb).float()
-        loss_sum += F.cross_entropy(logits, yb, reduction="sum")
-        pred_k = logits.topk(k, dim=1).indices
-        top1 += (pred_k[:, 0] == yb).sum()
-        top5 += (pred_k == yb[:, None]).any(dim=1).sum()
-        confusion += torch.bincount(yb * num_classes + pred_k[:, 0], minlength=num_classes * num_classes)
+    xs, ys = split.x.to(device), split.y.to(device)  # no-ops for a split already there (the search's)
+    norm = normalizer(mean, std, device)
+    with precision_flags(precision):
+        for start in range(0, len(split), batch_size):
+            xb = norm(xs[start : start + batch_size])
+            yb = ys[start : start + batch_size]
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, precision):
+                logits = model(xb).float()
+            loss_sum += F.cross_entropy(logits, yb, reduction="sum")
+            pred_k = logits.topk(k, dim=1).indices
+            top1 += (pred_k[:, 0] == yb).sum()
+            top5 += (pred_k == yb[:, None]).any(dim=1).sum()
+            cell = yb * num_classes + pred_k[:, 0]
+            confusion.scatter_add_(0, cell, torch.ones_like(cell))
     model.train(was_training)
     n = len(split)
     cm = confusion.view(num_classes, num_classes).cpu()

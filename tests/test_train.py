@@ -252,3 +252,132 @@ def test_train_acc_counts_mixed_targets() -> None:
     soft = lam * own + (1 - lam) * partner
     assert correct_count(logits, soft).item() == pytest.approx(0.7 + 0.6 + 0.0)
     assert correct_count(logits, eye[[0, 1, 0]]).item() == 2  # one-hot soft targets: plain accuracy
+
+
+# ------------------------------------------------------------------------- the GPU path's plumbing, on CPU
+
+
+def test_fit_passes_strict_sync_to_the_step_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fit(strict_sync=...) reaches the guard around the step loop (on CUDA it turns syncs into errors)."""
+    import cifar_tune.train as train_mod
+
+    seen: list[bool] = []
+    real = train_mod._no_host_sync
+
+    def spy(device: torch.device, strict: bool) -> Any:
+        seen.append(strict)
+        return real(device, strict)
+
+    monkeypatch.setattr(train_mod, "_no_host_sync", spy)
+    for strict in (True, False):
+        _run({**CONFIG, "train": {"batch_size": 256}}, epochs=1, strict_sync=strict)
+    assert seen == [True, False]
+
+
+@pytest.mark.parametrize("precision,tf32", [("fp32", False), ("bf16", True), ("auto", True)])
+def test_precision_sets_tf32_in_the_loop_and_restores_it(precision: str, tf32: bool) -> None:
+    """fp32 means IEEE fp32 matmuls/convs (no TF32) while training and evaluating; the flags come back after."""
+    seen: list[tuple[bool, bool]] = []
+    info = data_mod.dataset_info(DATA)
+    train, val = data_mod.load_splits(DATA)
+    model = build_model(CNN, num_classes=4, in_channels=3, image_size=16)
+    model.register_forward_pre_hook(lambda *_: seen.append((torch.backends.cuda.matmul.allow_tf32,
+                                                            torch.backends.cudnn.allow_tf32)))
+    before = (not tf32, tf32)  # a mix, so both "set" and "restored" are visible
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    try:
+        fit(model, train, val, {**CONFIG, "train": {"batch_size": 256, "precision": precision}}, epochs=1,
+            num_classes=4, mean=info.mean, std=info.std, device="cpu")
+        after = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert seen and set(seen) == {(tf32, tf32)}, set(seen)  # every training and evaluation forward
+    assert after == before
+
+
+SEED_RECIPE = {"hflip": True, "crop": {"padding": 4}, "rotation": {"degrees": 15},
+               "color_jitter": {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.1}}
+
+
+def _host_tensors_in_epoch(num_train: int) -> int:
+    """Tensors made from host data (``torch.tensor(...)``: ``aten.lift_fresh``) during a trainer's
+    second epoch (training with the seed-000 augmentation, then evaluation). On CUDA each is a pageable
+    host-to-device copy: a hidden sync, and a step no CUDA graph can capture."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    spec = DataSpec(dataset="synthetic", synthetic=SyntheticSpec(num_train=num_train, num_test=10, num_classes=4,
+                                                                 image_size=8))
+    info = data_mod.dataset_info(spec)
+    train, val = data_mod.load_splits(spec)
+    model = build_model(TINY_CNN, num_classes=4, in_channels=3, image_size=8)
+    config = {"optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9}, "schedule": {"name": "cosine"},
+              "augment": SEED_RECIPE, "train": {"batch_size": 16, "eval_batch_size": 16}}
+    trainer = Trainer(model, train, val, config, epochs=2, num_classes=4, mean=info.mean, std=info.std, device="cpu")
+    trainer.run_epoch()  # the first epoch may build per-run constants
+    made = 0
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            nonlocal made
+            made += func in (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default)
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        trainer.run_epoch()
+    return made
+
+
+def test_no_host_tensor_is_made_per_batch(one_thread: None) -> None:
+    """Twice the batches (training and evaluation) make no more host tensors: none is made per batch."""
+    small, large = _host_tensors_in_epoch(160), _host_tensors_in_epoch(320)  # val: 32 and 64 images
+    assert large == small, (small, large)
+
+
+def test_evaluate_confusion_matches_a_reference_count() -> None:
+    """The sync-free confusion count equals a plain count of (label, top-1 prediction) pairs."""
+    info = data_mod.dataset_info(DATA)
+    _, val = data_mod.load_splits(DATA)
+    torch.manual_seed(3)
+    model = build_model(CNN, num_classes=4, in_channels=3, image_size=16).eval()
+    ev = evaluate(model, val, mean=info.mean, std=info.std, num_classes=4, device="cpu", batch_size=64)
+    from cifar_tune.augment import normalize
+
+    with torch.no_grad():
+        pred = model(normalize(val.x, info.mean, info.std)).argmax(1)
+    expected = [[0] * 4 for _ in range(4)]
+    for t, p in zip(val.y.tolist(), pred.tolist(), strict=True):
+        expected[t][p] += 1
+    assert ev.confusion == expected
+
+
+@pytest.mark.parametrize("saved_on", ["cuda", "cpu-unlabelled"])
+def test_checkpoint_from_another_device_kind_resumes(saved_on: str, one_thread: None) -> None:
+    """A GPU trial's checkpoint (a CUDA generator's Philox state: seed and offset, 16 bytes) resumed by a
+    CPU trainer: no crash, and deterministic (the same checkpoint twice gives the same epochs). An older
+    checkpoint without the generator's kind is read by its state's size."""
+    import struct
+
+    config = {"optimizer": {"name": "sgd", "lr": 0.02}, "schedule": {"name": "none"}, "augment": TINY_AUG,
+              "train": {"batch_size": 32}}
+    first = _trainer(config, model_seed=0, epochs=2)
+    first.run_epoch()
+    state = first.state_dict()
+    if saved_on == "cuda":
+        state["rng"]["generator"] = torch.tensor(list(struct.pack("<QQ", 1234, 4 * 65536)), dtype=torch.uint8)
+        state["rng"]["generator_device"] = "cuda"
+        state["rng"]["cuda"] = state["rng"]["generator"].clone()
+    else:
+        del state["rng"]["generator_device"]
+    blob = checkpoint_to_bytes(state)
+    runs = []
+    for _ in range(2):
+        t = _trainer(config, model_seed=5, epochs=2)
+        t.load_state_dict(checkpoint_from_bytes(blob))
+        runs.append(t.run_epoch())
+    assert runs[0]["epoch"] == 2 and all(math.isfinite(r["train_loss"]) for r in runs)
+    assert runs[0]["train_loss"] == runs[1]["train_loss"] and runs[0]["val_acc"] == runs[1]["val_acc"]
+    if saved_on == "cpu-unlabelled":  # same kind: the exact stream, as the uninterrupted run
+        whole = _trainer(config, model_seed=0, epochs=2)
+        whole.run_epoch()
+        assert whole.run_epoch()["train_loss"] == pytest.approx(runs[0]["train_loss"], abs=1e-6, rel=0)
