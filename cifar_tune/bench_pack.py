@@ -14,20 +14,20 @@ On a CPU-only machine the same code runs with ``gpus_per_trial: 0`` (1 CPU per t
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-import shutil
+import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from cifar_tune.budget import search_budget
+from cifar_tune.devices import cpus_for_trials, mps_available
 from cifar_tune.spec import SchedulerSpec
 
 Printer = Callable[[str], None]
@@ -41,33 +41,10 @@ def cifar100_shaped(num_images: int, num_test: int = 1000) -> dict[str, Any]:
             "synthetic": {"num_train": num_images, "num_test": num_test, "num_classes": 100, "image_size": 32}}
 
 
-# ------------------------------------------------------------------------------------------------ MPS
-
-
-def mps_available() -> bool:
-    return shutil.which("nvidia-cuda-mps-control") is not None
-
-
-@contextlib.contextmanager
-def mps_daemon(enabled: bool) -> Iterator[None]:
-    """Run the CUDA MPS control daemon inside the block (processes started inside use it)."""
-    if not enabled:
-        yield
-        return
-    if not mps_available():
-        raise RuntimeError("nvidia-cuda-mps-control is not on PATH")
-    subprocess.run(["nvidia-cuda-mps-control", "-d"], check=True, capture_output=True, timeout=30)
-    try:
-        yield
-    finally:
-        subprocess.run(["nvidia-cuda-mps-control"], input=b"quit\n", capture_output=True, timeout=60)
-        time.sleep(1.0)  # the daemon exits asynchronously
-
-
 # ---------------------------------------------------------------------------------------- running
 
 
-def _run(spec_dict: dict[str, Any], storage: str, num_cpus: int) -> tuple[pd.DataFrame, pd.DataFrame, float]:
+def _run(spec_dict: dict[str, Any], storage: str, num_cpus: int | None) -> tuple[pd.DataFrame, pd.DataFrame, float]:
     """A real ``run_search`` on a fresh local Ray instance; its trials and epochs tables and wall time."""
     from cifar_tune import data as data_mod
     from cifar_tune import tuner
@@ -116,13 +93,18 @@ def _all_overlap(steady: pd.DataFrame) -> bool:
 
 
 def packing_spec(model: dict[str, Any], k: int, *, gpu: bool, num_images: int, epochs: int,
-                 batch_size: int) -> dict[str, Any]:
+                 batch_size: int, mps: bool = False, cores: int | None = None) -> dict[str, Any]:
+    """k trials of ``model`` at once: on a GPU, 1/k of it each and the CPUs a local Ray instance offers
+    (:func:`devices.cpus_for_trials`) shared among them (at most 1 each); without one, 1 CPU each."""
+    usable = cpus_for_trials(cores or os.cpu_count() or 1)
+    cpus = min(1.0, usable / k) if gpu else 1.0
     return {
         "name": f"bench-pack-{k}",
         "data": cifar100_shaped(num_images, num_test=100),
         "search": {"num_samples": k, "max_concurrent": k, "seed": 0,
                    "scheduler": {"name": "fifo", "max_epochs": epochs},
-                   "resources": {"cpus_per_trial": 1, "gpus_per_trial": (1.0 / k) if gpu else 0.0}},
+                   "resources": {"cpus_per_trial": cpus, "gpus_per_trial": (1.0 / k) if gpu else 0.0,
+                                 "mps": "on" if mps else "off"}},
         "space": {"model": model, "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
                   "schedule": {"name": "none"},
                   "augment": {"hflip": True, "crop": {"padding": 4},
@@ -136,18 +118,21 @@ def measure_packing(model: dict[str, Any], levels: list[int], *, gpu: bool, mps:
                     epochs: int, batch_size: int, out: Printer = print) -> list[dict[str, Any]]:
     """One real search per packing level ``k`` (k trials on one GPU, or on k CPUs without a GPU)."""
     rows = []
-    with mps_daemon(mps):
-        for k in levels:
-            with tempfile.TemporaryDirectory(prefix="cifar-tune-pack-") as storage:
-                spec = packing_spec(model, k, gpu=gpu, num_images=num_images, epochs=epochs, batch_size=batch_size)
-                trials, ep, wall_s = _run(spec, storage, num_cpus=max(k, 1))
-            train_images = int(num_images * 0.8) // batch_size * batch_size
-            row = {"k": k, "mps": mps, "wall_s": wall_s, "statuses": trials["status"].value_counts().to_dict(),
-                   "devices": sorted(ep["device"].dropna().unique().tolist()), **packing_rates(ep, train_images)}
-            rows.append(row)
-            out(f"pack k={k:>2} mps={'on ' if mps else 'off'}: per trial {row['per_trial_images_per_s']:,.0f} img/s, "
-                f"aggregate {row['aggregate_images_per_s']:,.0f} img/s, overlap {row['overlap']}, "
-                f"peak {row['gpu_mem_peak_mb'] or 0:,.0f} MiB/trial, wall {wall_s:.0f} s")
+    for k in levels:
+        # the search itself starts MPS (search.resources.mps), as a user's search would; one trial shares
+        # nothing, so k = 1 runs without it
+        with tempfile.TemporaryDirectory(prefix="cifar-tune-pack-") as storage:
+            spec = packing_spec(model, k, gpu=gpu, num_images=num_images, epochs=epochs, batch_size=batch_size,
+                                mps=mps and gpu and k > 1)
+            trials, ep, wall_s = _run(spec, storage, num_cpus=None if gpu else max(k, 1))
+        train_images = int(num_images * 0.8) // batch_size * batch_size
+        row = {"k": k, "mps": mps, "wall_s": wall_s, "statuses": trials["status"].value_counts().to_dict(),
+               "cpus_per_trial": spec["search"]["resources"]["cpus_per_trial"],
+               "devices": sorted(ep["device"].dropna().unique().tolist()), **packing_rates(ep, train_images)}
+        rows.append(row)
+        out(f"pack k={k:>2} mps={'on ' if mps else 'off'}: per trial {row['per_trial_images_per_s']:,.0f} img/s, "
+            f"aggregate {row['aggregate_images_per_s']:,.0f} img/s, overlap {row['overlap']}, "
+            f"peak {row['gpu_mem_peak_mb'] or 0:,.0f} MiB/trial, wall {wall_s:.0f} s")
     return rows
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import time
 import zlib
 from collections.abc import Callable
@@ -170,7 +171,8 @@ def retrain_one(
 
     torch.set_num_threads(max(1, threads))  # as many threads as the task reserved CPUs
     t0 = time.perf_counter()
-    out: dict[str, Any] = {"trial_id": trial_id, "seed": seed_index, "torch_seed": seed, "status": "error", "error": None}
+    out: dict[str, Any] = {"trial_id": trial_id, "seed": seed_index, "torch_seed": seed, "status": "error", "error": None,
+                           "pid": os.getpid()}  # which worker ran it: workers are reused across refits
     device = device or torch.device("cpu")
     out["device"] = str(device)
     model = None

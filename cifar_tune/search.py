@@ -442,8 +442,11 @@ def run_search(
     total = num_trials(spec)
     record_run(exp, spec, resume)
     log.flush(force=True)
-    cluster = tuner.connect(address, dashboard=dashboard, num_cpus=num_cpus)
+    mps, mps_why = search_mps(spec.search.resources, joins=tuner.joins_cluster(address))
+    cluster = tuner.connect(address, dashboard=dashboard, num_cpus=num_cpus, mps=mps)
     print_cluster(cluster, out)
+    if spec.search.resources.gpus_per_trial > 0:
+        out(f"CUDA MPS {'on' if mps else 'off'}: {mps_why}")
     mirror = _trials_dashboard(spec, exp, log, serve=dashboard, port=dashboard_port, out=out)
     for line in tracking.describe(spec.tracking, exp):
         out(line)
@@ -516,6 +519,23 @@ def run_search(
     if interrupted or unfinished:
         out(f"{len(unfinished)} trials unfinished; continue with: cifar-tune search {spec.source} --name {exp.name} --resume")
     return exp
+
+
+def search_mps(res: Any, *, joins: bool) -> tuple[bool, str]:
+    """``search.resources.mps`` resolved for this run: (start the daemon?, why). A cluster that is
+    joined runs its own daemons (README, GPUs); a local instance gets one when trials share its GPU."""
+    from cifar_tune import devices
+
+    if joins:
+        if res.mps == "on":
+            raise UserError("search.resources.mps: on starts MPS for a local Ray instance only; on a cluster, "
+                            "start nvidia-cuda-mps-control -d on each GPU node before Ray (README, GPUs)")
+        return False, "joined a cluster (its nodes run MPS or not)"
+    try:
+        return devices.mps_wanted(res.mps, gpus_per_trial=res.gpus_per_trial, gpu_here=devices.gpu_memory_mb() is not None,
+                                  available=devices.mps_available())
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def gpu_warnings(cluster_gpus: float, gpus_per_trial: float, concurrent: int) -> list[str]:

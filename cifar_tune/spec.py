@@ -89,6 +89,9 @@ class ResourcesSpec:
         metadata=_check(lambda v: 0 <= v <= 1, "must be between 0 and 1 (a trial trains on one GPU; "
                         "a fraction packs several trials per GPU)"),
     )
+    # CUDA MPS for packed trials (their kernels run at once instead of taking turns): auto starts the
+    # daemon for a local Ray instance when trials share a GPU and nvidia-cuda-mps-control is there
+    mps: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -620,6 +623,10 @@ def parse_spec(raw: Any, source: str = "<spec>", *, check_budget: bool = True) -
     if sched.grace_period > sched.max_epochs:
         errors.add("search.scheduler.grace_period", f"must be <= max_epochs ({sched.max_epochs}), got {sched.grace_period}")
     _check_checkpointing(search, errors)
+    res = search.resources
+    if res.mps == "on" and not 0 < res.gpus_per_trial < 1:
+        errors.add("search.resources.mps", f"on needs trials that share a GPU (0 < gpus_per_trial < 1), "
+                   f"got gpus_per_trial {res.gpus_per_trial:g}")
 
     info = _dataset_info(data, errors)
     if info is not None and data.subset is not None:  # counts alone (no labels read): see data.check_split

@@ -7,6 +7,7 @@ results store implements.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -76,8 +77,22 @@ class RayInfo:
 # ------------------------------------------------------------------------------------- the cluster
 
 
-def connect(address: str | None = None, *, dashboard: bool = True, num_cpus: int | None = None) -> RayInfo:
-    """Start a local Ray instance, or join ``address`` (e.g. ``auto`` or ``10.0.0.1:6379``)."""
+_local_services = contextlib.ExitStack()  # what a local instance started here needs stopped with it (MPS)
+
+
+def joins_cluster(address: str | None) -> bool:
+    """Would :func:`connect` join a running cluster rather than start a local instance?"""
+    return bool(address or os.environ.get("RAY_ADDRESS"))
+
+
+def connect(address: str | None = None, *, dashboard: bool = True, num_cpus: int | None = None,
+            mps: bool = False) -> RayInfo:
+    """Start a local Ray instance, or join ``address`` (e.g. ``auto`` or ``10.0.0.1:6379``).
+
+    A local instance offers trials ``num_cpus`` CPUs (default: :func:`devices.cpus_for_trials` of the
+    machine's cores, the rest left to Ray's own processes). ``mps``: run the CUDA MPS daemon for the
+    local instance's workers, started before them and stopped by :func:`shutdown`.
+    """
     started_here = False
     # a driver started by `ray job submit` finds its cluster in RAY_ADDRESS, as ray.init() would
     address = address or os.environ.get("RAY_ADDRESS") or None
@@ -86,9 +101,11 @@ def connect(address: str | None = None, *, dashboard: bool = True, num_cpus: int
         if address:
             ctx = ray.init(address=address, **kwargs)
         else:
+            if mps:  # before ray.init: the workers find the daemon through the variables it exports
+                _local_services.enter_context(devices.mps_daemon(True))
             ctx = ray.init(
                 address="local",  # a new instance, even if another Ray runs on this machine
-                num_cpus=num_cpus,
+                num_cpus=num_cpus if num_cpus is not None else devices.cpus_for_trials(os.cpu_count() or 1),
                 include_dashboard=dashboard,
                 dashboard_host="127.0.0.1",  # never expose the dashboard beyond this machine by default
                 **kwargs,
@@ -120,6 +137,7 @@ def _token_auth_enabled() -> bool:
 def shutdown() -> None:
     if ray.is_initialized():
         ray.shutdown()
+    _local_services.close()  # after the workers are gone: MPS outlives its clients
 
 
 # ------------------------------------------------------------------------------------- placement
@@ -132,8 +150,15 @@ def ray_assignment() -> tuple[list[Any], str | None, float]:
 
 
 def assigned_device() -> tuple[Any, float | None]:
-    """The device Ray assigned this worker (CPU if none) and its share of that GPU (None: all of it)."""
+    """The device Ray assigned this worker (CPU if none) and its share of that GPU (None: all of it).
+    """
     return devices.placement(*ray_assignment())
+
+
+def prepare_worker() -> None:
+    """Before a trial or refit builds anything in a worker: Inductor's compile workers sized to the CPUs
+    Ray gave it (:func:`devices.limit_compile_threads`), not to the machine's cores."""
+    devices.limit_compile_threads(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
 
 
 # ---------------------------------------------------------------------------------------- search
@@ -186,6 +211,7 @@ def cifar_tune_trial(config: dict[str, Any], setup: Any, shared_data: Any = None
                 f.write(blob)
             tune.report({**metrics, "node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(tmp))
 
+    prepare_worker()
     device, share = assigned_device()
     run_trial(config["config"], setup, trial_id=trial_id, report=report, device=device, memory_fraction=share, resume=resume)
 
@@ -416,11 +442,12 @@ def trial_resources(res: ResourcesSpec, cluster: RayInfo) -> dict[str, float]:
     return {"cpu": res.cpus_per_trial, "gpu": gpus}
 
 
-def _on_assigned_device(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """A task body that receives ``device=`` and ``memory_fraction=`` from Ray's assignment."""
+def _on_assigned_device(fn: Callable[..., Any], place: Callable[[], tuple[Any, float | None]]) -> Callable[..., Any]:
+    """A task body that receives ``device=`` and ``memory_fraction=`` from ``place()`` (Ray's assignment)."""
 
     def run(**kwargs: Any) -> Any:
-        device, share = assigned_device()
+        prepare_worker()
+        device, share = place()
         return fn(**kwargs, device=device, memory_fraction=share)
 
     run.__name__ = run.__qualname__ = fn.__name__  # what the dashboard's Tasks page shows
@@ -613,6 +640,13 @@ def put(obj: Any) -> Any:
     return ray.put(obj)
 
 
+def task_options(cpus: float, gpus: float) -> dict[str, Any]:
+    """Ray options of :func:`run_tasks`' tasks. ``max_calls=0``: a worker runs any number of them (Ray
+    makes it 1 for GPU tasks unless told, so that frameworks that never free GPU memory release it by
+    exiting; our tasks free theirs, and a reused worker keeps its CUDA context and cached data)."""
+    return {"num_cpus": cpus, "num_gpus": gpus, "max_retries": 1, "max_calls": 0}
+
+
 def run_tasks(
     fn: Callable[..., Any],
     calls: list[dict[str, Any]],
@@ -621,11 +655,14 @@ def run_tasks(
     gpus: float,
     on_progress: Callable[[Any], None] | None = None,
     poll_s: float = 0.5,
+    place: Callable[[], tuple[Any, float | None]] = assigned_device,
 ) -> Iterator[tuple[int, Any]]:
     """Run ``fn(**kwargs)`` for each call as Ray tasks; yield ``(index, result)`` as each finishes.
 
     ``fn`` also receives ``device=`` and ``memory_fraction=``: the accelerator Ray gave the task and its
-    share of it (see ``assigned_device``).
+    share of it (``place``, default :func:`assigned_device`). ``fn`` must free what it used on the
+    device when it returns (``devices.end_trial``): workers are reused, GPU tasks included (Ray's
+    default for GPU tasks is a fresh process per task: a CUDA context and a data load per refit).
 
     With ``on_progress``, each call also gets ``report=``: items it reports reach ``on_progress`` in
     the driver (through a Ray queue polled every ``poll_s``), before that call's result is yielded.
@@ -636,7 +673,7 @@ def run_tasks(
 
         queue = Queue(actor_options={"num_cpus": 0})  # a bookkeeping actor must not take a task's CPU
         calls = [{**kw, "report": _QueueReporter(queue)} for kw in calls]
-    remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=1)(_on_assigned_device(fn))
+    remote = ray.remote(**task_options(cpus, gpus))(_on_assigned_device(fn, place))
     pending = {remote.remote(**kw): i for i, kw in enumerate(calls)}
     try:
         while pending:

@@ -231,3 +231,100 @@ def test_keep_host_memory_stops_page_faults_in_the_augmentation_loop() -> None:
     assert (kept, default, off) == ("True", "False", "False")
     assert faults_default > 20 * 10 and faults_off > 20 * 10  # many pages per call
     assert faults * 10 < faults_default  # (almost) none once warm
+
+
+@pytest.mark.ray
+def test_refits_on_gpu_tasks_reuse_their_worker(ray_with_a_gpu: Any) -> None:
+    """Two refits that each take the whole (scheduling-only) GPU run one after the other in the same
+    worker process: no fresh process, CUDA context and data load per refit (Ray's default for GPU
+    tasks). Each worker's Inductor compile threads match the CPUs Ray gave it."""
+    from cifar_tune import data as data_mod
+    from cifar_tune import tuner
+    from cifar_tune.retrain import retrain_one
+    from cifar_tune.spec import DataSpec, SyntheticSpec
+
+    data = DataSpec(dataset="synthetic", synthetic=SyntheticSpec(num_train=64, num_test=16, num_classes=2, image_size=8))
+    test = data_mod.load_splits(data)[1]
+    config = {"model": {"family": "mlp", "hidden": [8]}, "optimizer": {"name": "sgd", "lr": 0.01},
+              "train": {"batch_size": 16}}
+    calls = [{"trial_id": "t0000", "seed_index": s, "seed": s, "config": config, "data": data, "epochs": 1,
+              "test": test} for s in range(2)]
+    cpu = torch.device("cpu")
+    results = [r for _, r in tuner.run_tasks(retrain_one, calls, cpus=1, gpus=1, place=lambda: (cpu, None))]
+    assert [r["status"] for r in results] == ["completed", "completed"], [r["error"] for r in results]
+    assert results[0]["pid"] == results[1]["pid"]
+    threads = list(tuner.run_tasks(lambda **_: os.environ.get(devices.COMPILE_THREADS_ENV), [{}], cpus=1, gpus=0,
+                                   place=lambda: (cpu, None)))
+    assert threads == [(0, "1")]
+
+
+def test_memory_cap_leaves_room_for_the_cuda_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1/16 share caps the allocator at 1/16 of the card less the process's CUDA context, so 16 packed
+    trials with their contexts fit the card (set_per_process_memory_fraction counts allocator blocks only)."""
+    total_mb = 143_771.0  # an H200
+    calls: list[float] = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _d: type("P", (), {"total_memory": total_mb * 2**20})())
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, _d: calls.append(f))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda _d: None)
+    devices.begin_trial(torch.device("cuda:0"), 1 / 16)
+    assert calls == [pytest.approx((total_mb / 16 - devices.CUDA_CONTEXT_MB) / total_mb)]
+    assert 16 * (calls[0] * total_mb + devices.CUDA_CONTEXT_MB) == pytest.approx(total_mb)
+    with pytest.raises(ValueError, match="CUDA context"):
+        devices.allocator_fraction(1 / 64, 24_000.0)  # 375 MiB shares: not even a context each
+
+
+@pytest.mark.parametrize(("capability", "config", "mib"), [
+    ((9, 0), None, 32.0), ((10, 0), None, 32.0), ((8, 0), None, 8.125),  # PyTorch's defaults by architecture
+    ((9, 0), ":4096:2", 8.0), ((9, 0), ":16:8", 0.125),  # CUBLAS_WORKSPACE_CONFIG wins
+])
+def test_cublas_workspace_in_the_estimate(capability: tuple[int, int], config: str | None, mib: float,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert devices.cublas_workspace_mb(capability, config) == mib
+    if config:
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", config)
+        assert devices.cublas_workspace_mb(capability) == mib
+    est = devices.estimate_config_memory_mb({"model": {"family": "lenet"}}, num_classes=10, in_channels=3, image_size=32,
+                                            data_images=100)
+    assert est["workspace_mb"] == devices.cublas_workspace_mb() and est["workspace_mb"] > 0
+    assert est["total_mb"] == pytest.approx(sum(v for k, v in est.items() if k != "total_mb"))
+
+
+def test_compile_threads_follow_the_workers_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.delenv(devices.COMPILE_THREADS_ENV, raising=False)
+    monkeypatch.setattr(inductor_config, "compile_threads", inductor_config.compile_threads)
+    assert devices.limit_compile_threads(0.5) == 1  # a packed trial's fraction of a CPU: one worker
+    assert os.environ[devices.COMPILE_THREADS_ENV] == "1" and inductor_config.compile_threads == 1
+    monkeypatch.setenv(devices.COMPILE_THREADS_ENV, "3")  # the user's choice wins
+    assert devices.limit_compile_threads(8) == 3
+
+
+@pytest.mark.parametrize(("cores", "for_trials"), [(1, 1), (2, 2), (4, 3), (8, 7), (16, 14), (64, 56)])
+def test_local_ray_leaves_cpus_to_its_own_processes(cores: int, for_trials: int) -> None:
+    assert devices.cpus_for_trials(cores) == for_trials
+
+
+@pytest.mark.parametrize(("mode", "gpus", "gpu_here", "available", "expected"), [
+    ("auto", 0.0625, True, True, True), ("auto", 0.0625, True, False, False), ("auto", 1.0, True, True, False),
+    ("auto", 0.25, False, True, False), ("off", 0.25, True, True, False), ("on", 0.25, True, True, True),
+])
+def test_mps_decision(mode: str, gpus: float, gpu_here: bool, available: bool, expected: bool) -> None:
+    started, why = devices.mps_wanted(mode, gpus_per_trial=gpus, gpu_here=gpu_here, available=available)
+    assert started is expected and why
+
+
+@pytest.mark.parametrize(("gpus", "gpu_here", "available"), [(0.25, True, False), (0.25, False, True)])
+def test_mps_on_says_why_it_cannot_start(gpus: float, gpu_here: bool, available: bool) -> None:
+    with pytest.raises(ValueError, match="mps is on but"):
+        devices.mps_wanted("on", gpus_per_trial=gpus, gpu_here=gpu_here, available=available)
+
+
+def test_mps_is_validated_in_the_spec() -> None:
+    base = {"name": "m", "data": {"dataset": "synthetic"}, "space": {"model": {"family": "lenet"}}}
+    with pytest.raises(UserError, match=r"search\.resources\.mps: must be one of 'auto' \| 'on' \| 'off'"):
+        parse_spec({**base, "search": {"resources": {"gpus_per_trial": 0.25, "mps": "onn"}}}, "<t>")
+    with pytest.raises(UserError, match=r"search\.resources\.mps: on needs trials that share a GPU"):
+        parse_spec({**base, "search": {"resources": {"gpus_per_trial": 1, "mps": "on"}}}, "<t>")
+    assert parse_spec({**base, "search": {"resources": {"gpus_per_trial": 0.25, "mps": "on"}}}, "<t>").search.resources.mps == "on"
