@@ -444,6 +444,8 @@ class TrialLog:
         if status not in ("diverged", "oom"):
             status = "completed" if (row.get("epochs_run") or 0) >= self.max_epochs else "stopped"
         row.update(status=status, ended_at=time.time(), error=last.get("error"))
+        if status == "oom":  # the failed epoch has no row: its peak (what the memory cap stopped) is kept here
+            row["oom_gpu_mem_peak_mb"] = last.get("gpu_mem_peak_mb")
         self._keep_last_checkpoint(trial_id)
         self.flush(force=True)
 

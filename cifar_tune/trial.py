@@ -173,7 +173,9 @@ def run_trial(
         return trainer.result()
     except torch.OutOfMemoryError as e:  # recorded as "oom", not as a crash of the search
         # no "epoch" key: this report ends the trial but is not an epoch (results.py appends no row)
-        report({"trial_id": trial_id, "params": params, "status": "oom", "error": f"out of memory: {str(e)[:300]}"})
+        # its peak too: the epoch that failed has no row, and the peak shows what stopped it (its cap)
+        report({"trial_id": trial_id, "params": params, "status": "oom", "error": f"out of memory: {str(e)[:300]}",
+                "gpu_mem_peak_mb": devices.peak_memory_mb(device)})
         return FitResult(status="oom", epochs_run=max(reported, default=0))
     finally:
         # a reused worker runs the next trial next: drop this one's model, graphs and cached GPU blocks
