@@ -154,7 +154,7 @@ def workflow_spec(num_images: int, *, trials: int, epochs: int, gpu: bool) -> di
     return spec
 
 
-def measure_workflow(num_images: int, *, trials: int, epochs: int, retrain_top: int, gpu: bool, num_cpus: int,
+def measure_workflow(num_images: int, *, trials: int, epochs: int, retrain_top: int, gpu: bool, num_cpus: int | None,
                      out: Printer = print) -> dict[str, Any]:
     """``search`` then ``retrain --top K --epochs E``, both the real code paths, timed end to end."""
     from cifar_tune import data as data_mod
@@ -256,7 +256,7 @@ def run_gpu_benches(args: Any, out: Printer = print) -> dict[str, Any]:
     if args.workflow:
         wf = measure_workflow(args.images, trials=args.workflow_trials, epochs=args.workflow_epochs,
                               retrain_top=min(3, args.workflow_trials),
-                              gpu=gpu, num_cpus=max(args.workflow_trials, 1), out=out)
+                              gpu=gpu, num_cpus=None if gpu else max(args.workflow_trials, 1), out=out)
         report["workflow"] = wf
         rows = report.get("packing", {}).get("rows", [])
         best_mode = max((r["mps"] for r in rows), default=False, key=lambda m: sum(
