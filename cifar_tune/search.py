@@ -443,7 +443,8 @@ def run_search(
     record_run(exp, spec, resume)
     log.flush(force=True)
     mps, mps_why = search_mps(spec.search.resources, joins=tuner.joins_cluster(address))
-    cluster = tuner.connect(address, dashboard=dashboard, num_cpus=num_cpus, mps=mps)
+    cluster = tuner.connect(address, dashboard=dashboard, num_cpus=num_cpus, mps=mps,
+                            mps_required=spec.search.resources.mps == "on", out=out)
     print_cluster(cluster, out)
     if spec.search.resources.gpus_per_trial > 0:
         out(f"CUDA MPS {'on' if mps else 'off'}: {mps_why}")

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -86,12 +87,13 @@ def joins_cluster(address: str | None) -> bool:
 
 
 def connect(address: str | None = None, *, dashboard: bool = True, num_cpus: int | None = None,
-            mps: bool = False) -> RayInfo:
+            mps: bool = False, mps_required: bool = False, out: Callable[[str], None] = print) -> RayInfo:
     """Start a local Ray instance, or join ``address`` (e.g. ``auto`` or ``10.0.0.1:6379``).
 
     A local instance offers trials ``num_cpus`` CPUs (default: :func:`devices.cpus_for_trials` of the
     machine's cores, the rest left to Ray's own processes). ``mps``: run the CUDA MPS daemon for the
-    local instance's workers, started before them and stopped by :func:`shutdown`.
+    local instance's workers, started before them and stopped by :func:`shutdown`; if it does not start,
+    an error with ``mps_required``, else a line through ``out`` and the search goes on without it.
     """
     started_here = False
     # a driver started by `ray job submit` finds its cluster in RAY_ADDRESS, as ray.init() would
@@ -102,7 +104,12 @@ def connect(address: str | None = None, *, dashboard: bool = True, num_cpus: int
             ctx = ray.init(address=address, **kwargs)
         else:
             if mps:  # before ray.init: the workers find the daemon through the variables it exports
-                _local_services.enter_context(devices.mps_daemon(True))
+                try:
+                    _local_services.enter_context(devices.mps_daemon(True))
+                except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                    if mps_required:
+                        raise RuntimeError(f"CUDA MPS did not start: {e}") from e
+                    out(f"CUDA MPS did not start ({e}); trials share the GPU by time slices")
             ctx = ray.init(
                 address="local",  # a new instance, even if another Ray runs on this machine
                 num_cpus=num_cpus if num_cpus is not None else devices.cpus_for_trials(os.cpu_count() or 1),
