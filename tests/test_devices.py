@@ -328,3 +328,21 @@ def test_mps_is_validated_in_the_spec() -> None:
     with pytest.raises(UserError, match=r"search\.resources\.mps: on needs trials that share a GPU"):
         parse_spec({**base, "search": {"resources": {"gpus_per_trial": 1, "mps": "on"}}}, "<t>")
     assert parse_spec({**base, "search": {"resources": {"gpus_per_trial": 0.25, "mps": "on"}}}, "<t>").search.resources.mps == "on"
+
+
+@pytest.mark.parametrize("k", [1, 4, 16])
+def test_packed_trials_fit_the_cpus_left_after_ray(k: int) -> None:
+    """On a 16-core GPU machine, k packed trials (the bench's packing spec) and seed 000's 16 trials all
+    run at once on the 14 CPUs a local Ray instance offers trials."""
+    from pathlib import Path
+
+    from cifar_tune.bench_pack import packing_spec
+    from cifar_tune.search import concurrent_slots
+    from cifar_tune.spec import load_yaml
+
+    cpus = devices.cpus_for_trials(16)
+    res = packing_spec({"family": "lenet"}, k, gpu=True, num_images=1000, epochs=1, batch_size=32, cores=16)["search"]["resources"]
+    assert concurrent_slots(cpus, 1.0, {"cpu": res["cpus_per_trial"], "gpu": res["gpus_per_trial"]}) == k
+    path = Path(__file__).resolve().parent.parent / "search_spaces" / "seed000_cifar100_asha.yaml"
+    seed = load_yaml(path.read_text(), str(path))["search"]["resources"]
+    assert concurrent_slots(cpus, 1.0, {"cpu": seed["cpus_per_trial"], "gpu": seed["gpus_per_trial"]}) == 16
