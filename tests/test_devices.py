@@ -346,3 +346,12 @@ def test_packed_trials_fit_the_cpus_left_after_ray(k: int) -> None:
     path = Path(__file__).resolve().parent.parent / "search_spaces" / "seed000_cifar100_asha.yaml"
     seed = load_yaml(path.read_text(), str(path))["search"]["resources"]
     assert concurrent_slots(cpus, 1.0, {"cpu": seed["cpus_per_trial"], "gpu": seed["gpus_per_trial"]}) == 16
+
+
+def test_end_trial_frees_cublas_workspaces_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cuBLAS's workspace lives in PyTorch's allocator and empty_cache() leaves it: end_trial frees it first."""
+    calls: list[str] = []
+    monkeypatch.setattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: calls.append("cublas"), raising=False)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    devices.end_trial(torch.device("cuda:0"))
+    assert calls == ["cublas", "empty_cache"]
