@@ -355,3 +355,22 @@ def test_end_trial_frees_cublas_workspaces_on_cuda(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
     devices.end_trial(torch.device("cuda:0"))
     assert calls == ["cublas", "empty_cache"]
+
+
+@pytest.mark.parametrize(("mode", "joins", "expected"), [("auto", True, False), ("off", False, False), ("auto", False, False)])
+def test_search_resolves_mps_for_this_machine(mode: str, joins: bool, expected: bool) -> None:
+    """No GPU here: auto stays off and says why; a joined cluster runs its own daemons."""
+    from cifar_tune.search import search_mps
+    from cifar_tune.spec import ResourcesSpec
+
+    started, why = search_mps(ResourcesSpec(gpus_per_trial=0.25, mps=mode), joins=joins)
+    assert started is expected and why
+
+
+@pytest.mark.parametrize("joins", [True, False])
+def test_search_with_mps_on_that_cannot_start_it_is_a_user_error(joins: bool) -> None:
+    from cifar_tune.search import search_mps
+    from cifar_tune.spec import ResourcesSpec
+
+    with pytest.raises(UserError, match="mps"):
+        search_mps(ResourcesSpec(gpus_per_trial=0.25, mps="on"), joins=joins)  # no GPU on this machine
