@@ -453,11 +453,16 @@ def _refit(
     address: str | None, num_cpus: int | None, out: Printer, dashboard: bool = False,
 ) -> pd.DataFrame:
     from cifar_tune import tuner
-    from cifar_tune.search import print_cluster
+    from cifar_tune.search import print_cluster, search_mps
 
     data_mod.prepare(stored.data)
     test = data_mod.load_test(stored.data)  # the one read of the test split, here in the driver
-    cluster = tuner.connect(address, dashboard=dashboard, num_cpus=num_cpus)
+    # refits packed on a GPU share it like the search's trials: MPS as the search had it, except that a
+    # retrain on a machine that cannot run it (the search's `on` on another machine) goes on without
+    res_spec = stored.search.resources
+    mps, _ = search_mps(replace(res_spec, mps="auto" if res_spec.mps == "on" else res_spec.mps),
+                        joins=tuner.joins_cluster(address))
+    cluster = tuner.connect(address, dashboard=dashboard, num_cpus=num_cpus, mps=mps, out=out)
     print_cluster(cluster, out)
     try:
         res = tuner.trial_resources(stored.search.resources, cluster)
