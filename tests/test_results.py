@@ -210,3 +210,35 @@ def test_find_experiment_accepts_the_directory_search_prints(tmp_path: Path, mon
     (runs / "not-one").mkdir()
     with pytest.raises(UserError, match="not-one: not an experiment directory"):
         find_experiment("experiments", str(runs / "not-one"))
+
+
+def test_an_oom_trial_keeps_the_peak_its_failed_epoch_reached(tmp_path: Path) -> None:
+    """The epoch that ran out of memory has no row; its report's peak is kept on the trial's row, so a
+    packed search shows every trial's peak against its cap. Trials that did not run out have none."""
+    import torch
+
+    from cifar_tune.spec import DataSpec, SyntheticSpec
+    from cifar_tune.trial import TrialSetup, run_trial
+
+    reports: list[dict] = []
+    data = DataSpec(dataset="synthetic", synthetic=SyntheticSpec(num_train=64, num_test=8, num_classes=2, image_size=8))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CIFAR_TUNE_FAULTS", "t0000=oom@1")
+    try:
+        run_trial({"model": {"family": "mlp", "hidden": [4]}, "train": {"batch_size": 16}}, TrialSetup(data=data, epochs=2, seed=0),
+                  trial_id="t0000", report=lambda m, c=None: reports.append(m), device=torch.device("cpu"))
+    finally:
+        mp.undo()
+        from cifar_tune import data as data_mod
+
+        data_mod.allow_test()
+    assert reports[-1]["status"] == "oom" and "gpu_mem_peak_mb" in reports[-1]  # None on the CPU
+    log = _log(tmp_path)
+    for i in range(2):
+        log.add_pending(f"t{i:04d}", i, {"model": {"family": "mlp"}}, 10)
+        log.trial_started(f"t{i:04d}", {})
+    log.trial_finished("t0000", {**reports[-1], "gpu_mem_peak_mb": 1234.5})  # as a GPU trial's report has it
+    log.trial_finished("t0001", {"status": "completed", "gpu_mem_peak_mb": 99.0})
+    trials = log.exp.read_table("trials.parquet").set_index("trial_id")
+    assert trials.loc["t0000", "status"] == "oom" and trials.loc["t0000", "oom_gpu_mem_peak_mb"] == 1234.5
+    assert pd.isna(trials.loc["t0001", "oom_gpu_mem_peak_mb"])
