@@ -3,7 +3,7 @@
 A config maps augmentation names to hyperparameters (``{hflip: true, crop: {padding: 4}}``). Whatever
 the key order, ops run in a fixed order of stages::
 
-    geometric (hflip, vflip, crop, translate, rotation)   one fused resampling of the uint8 batch
+    geometric (hflip, vflip, crop, translate, rotation)   a gather, then torchvision's rotation, on uint8
     policy    (autoaugment, randaugment, trivialaugment)  per-image random op sequences on uint8
                                                           (``cifar_tune.policies``)
     colour    (color_jitter)                              brightness, contrast, saturation, hue in a random
@@ -14,8 +14,8 @@ the key order, ops run in a fixed order of stages::
 
 Why it is fast (measured by ``cifar-tune bench``, figures in the README's Performance section):
 every random draw is one tensor per batch (per-image values, no Python loop over images, no host sync);
-flip/crop/translate without rotation is one integer ``gather`` on uint8 (exact pixels); with rotation,
-all geometric ops compose into one affine map and one ``grid_sample`` call; colour ops are per-image
+flip/crop/translate are one integer ``gather`` on uint8 (exact pixels); rotation is one ``grid_sample``
+of a pixel-number plane on torchvision's grid and a gather (nearest) or one bilinear ``grid_sample``; colour ops are per-image
 blends and an HSV hue shift on the whole batch.
 
 Randomness comes only from the ``torch.Generator`` passed in, so a batch is reproducible from its seed.
