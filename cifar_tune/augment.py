@@ -391,22 +391,32 @@ class _Geometry:
         return out
 
 
+# (h, w, device) -> torchvision's pixel-centred base grid [1, h*w, 3] and its rescaling [0.5 w, 0.5 h]:
+# built once, so a batch makes no host-to-device copy
+_GRID_BASES: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def _rotation_grid(angle_deg: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """torchvision's ``rotate_image`` grid for each angle [B] -> [B, h, w, 2] (align_corners=False).
 
     Computed as torchvision computes it, so that nearest-neighbour sampling rounds the same way: the
     inverse matrix in float64 (``_get_inverse_affine_matrix`` with the angle taken mod 360 and negated),
     then float32 for the rescaled matrix and the product with the pixel-centred base grid."""
+    dev = angle_deg.device
+    key = (h, w, str(dev))
+    if key not in _GRID_BASES:
+        base = torch.empty(1, h, w, 3, device=dev)
+        base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=dev))
+        base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=dev).unsqueeze_(-1))
+        base[..., 2].fill_(1)
+        _GRID_BASES[key] = base.view(1, h * w, 3), torch.tensor([0.5 * w, 0.5 * h], device=dev)
+    base, scale = _GRID_BASES[key]
     rad = torch.remainder(angle_deg.double(), 360.0).neg_().mul_(math.pi / 180.0)
     cos, sin = torch.cos(rad).float(), torch.sin(rad).float()
     zero = torch.zeros_like(cos)
     theta = torch.stack([torch.stack([cos, sin, zero], 1), torch.stack([-sin, cos, zero], 1)], 1)  # [B, 2, 3]
-    rescaled = theta.transpose(1, 2).div_(torch.tensor([0.5 * w, 0.5 * h], device=theta.device))  # [B, 3, 2]
-    base = torch.empty(1, h, w, 3, device=theta.device)
-    base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=theta.device))
-    base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=theta.device).unsqueeze_(-1))
-    base[..., 2].fill_(1)
-    return base.view(1, h * w, 3).expand(angle_deg.shape[0], h * w, 3).bmm(rescaled).view(-1, h, w, 2)
+    rescaled = theta.transpose(1, 2).div_(scale)  # [B, 3, 2]
+    return base.expand(angle_deg.shape[0], h * w, 3).bmm(rescaled).view(-1, h, w, 2)
 
 
 def _factors(g: torch.Generator, b: int, amount: float, device: torch.device) -> torch.Tensor:
