@@ -273,7 +273,7 @@ def test_pbt_smoke_search_exploits_and_records_lineage(tmp_path: Path, synch: bo
     split to the val_acc of its last epoch."""
     shipped = yaml.safe_load((Path(__file__).parents[1] / "search_spaces" / "smoke_pbt.yaml").read_text())
     shipped["search"]["scheduler"]["synch"] = synch
-    proc = _run(shipped, tmp_path)
+    proc = _run(shipped, tmp_path, timeout_s=900)  # ~1 min alone; 7 min seen with the 2 cores oversubscribed
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials, epochs = _frames(tmp_path, "smoke_pbt")
     assert len(trials) == 4 and (trials.status == "completed").all() and (trials.attempts == 1).all()
