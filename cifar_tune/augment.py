@@ -3,7 +3,7 @@
 A config maps augmentation names to hyperparameters (``{hflip: true, crop: {padding: 4}}``). Whatever
 the key order, ops run in a fixed order of stages::
 
-    geometric (hflip, vflip, crop, translate, rotation)   one fused resampling of the uint8 batch
+    geometric (hflip, vflip, crop, translate, rotation)   a gather, then torchvision's rotation, on uint8
     policy    (autoaugment, randaugment, trivialaugment)  per-image random op sequences on uint8
                                                           (``cifar_tune.policies``)
     colour    (color_jitter)                              brightness, contrast, saturation, hue in a random
@@ -14,8 +14,8 @@ the key order, ops run in a fixed order of stages::
 
 Why it is fast (measured by ``cifar-tune bench``, figures in the README's Performance section):
 every random draw is one tensor per batch (per-image values, no Python loop over images, no host sync);
-flip/crop/translate without rotation is one integer ``gather`` on uint8 (exact pixels); with rotation,
-all geometric ops compose into one affine map and one ``grid_sample`` call; colour ops are per-image
+flip/crop/translate are one integer ``gather`` on uint8 (exact pixels); rotation is one ``grid_sample``
+of a pixel-number plane on torchvision's grid and a gather (nearest) or one bilinear ``grid_sample``; colour ops are per-image
 blends and an HSV hue shift on the whole batch.
 
 Randomness comes only from the ``torch.Generator`` passed in, so a batch is reproducible from its seed.
@@ -112,6 +112,8 @@ class Shift:
 class Rotate:
     stage: ClassVar[str] = "geometric"
     degrees: float
+    interpolation: str = "nearest"  # "nearest" | "bilinear"
+    fill: str = "zero"  # "zero" | "reflect": what the corners rotated in from outside the image show
 
 
 @dataclass(frozen=True)
@@ -178,10 +180,18 @@ def translate(*, max_px: int = 4) -> Shift:
     return Shift(_integer("max_px", max_px), border=None)
 
 
+ROTATION_INTERPOLATIONS = ("nearest", "bilinear")
+ROTATION_FILLS = ("zero", "reflect")
+
+
 @AUGMENTS.register("rotation")
-def rotation(*, degrees: float = 15.0) -> Rotate:
-    """Rotation by an angle uniform in [-degrees, degrees] about the image centre (bilinear)."""
-    return Rotate(_in_range("degrees", degrees, 0, 180))
+def rotation(*, degrees: float = 15.0, interpolation: str = "nearest", fill: str = "zero") -> Rotate:
+    """Rotation by an angle uniform in [-degrees, degrees] about the image centre. The defaults are
+    torchvision's ``RandomRotation(degrees)``: nearest neighbour, corners filled with black (0);
+    ``interpolation: bilinear`` and ``fill: reflect`` (the image mirrored at its border) are options."""
+    return Rotate(_in_range("degrees", degrees, 0, 180),
+                  _choice("interpolation", interpolation, ROTATION_INTERPOLATIONS),
+                  _choice("fill", fill, ROTATION_FILLS))
 
 
 @AUGMENTS.register("color_jitter")
@@ -293,24 +303,29 @@ def _reflect(idx: torch.Tensor, n: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _Geometry:
-    """Flips, shifts and rotation composed into one map: source = shift + rotate(flip(output pixel))."""
+    """Flips and shifts as one integer gather (source = shift + flip(output pixel)), then the rotation of
+    that result, as torchvision's pipeline applies them (RandomCrop's padding, then RandomRotation's fill)."""
 
     hflip_p: float
     vflip_p: float
     max_shift_px: int
     border: str  # "reflect" | "zeros"
-    degrees: float
+    rotate: Rotate
 
     @classmethod
     def from_ops(cls, ops: Sequence[Op]) -> "_Geometry | None":
         flips = {op.vertical: op.p for op in ops if isinstance(op, Flip)}
         shifts = [op for op in ops if isinstance(op, Shift)]
-        degrees = sum(op.degrees for op in ops if isinstance(op, Rotate))
+        rotate = next((op for op in ops if isinstance(op, Rotate)), Rotate(0.0))
         borders = [op.border for op in shifts if op.border is not None]
         geo = cls(flips.get(False, 0.0), flips.get(True, 0.0), sum(op.max_px for op in shifts),
-                  borders[0] if borders else "zeros", degrees)
+                  borders[0] if borders else "zeros", rotate)
         active = geo.hflip_p > 0 or geo.vflip_p > 0 or geo.max_shift_px > 0 or geo.degrees > 0
         return geo if active else None
+
+    @property
+    def degrees(self) -> float:
+        return self.rotate.degrees
 
     def draw(self, g: torch.Generator, b: int, device: torch.device) -> dict[str, torch.Tensor]:
         # Draws happen in a fixed order and only for enabled parts, so seeds are stable per config.
@@ -320,26 +335,32 @@ class _Geometry:
             out["dx"] = _randint(g, b, -self.max_shift_px, self.max_shift_px, device)
             out["dy"] = _randint(g, b, -self.max_shift_px, self.max_shift_px, device)
         if self.degrees > 0:
-            out["angle"] = _rand(g, b, device, -self.degrees, self.degrees) * (math.pi / 180)
+            out["angle"] = _rand(g, b, device, -self.degrees, self.degrees)  # degrees, as torchvision's
         return out
 
     def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """uint8 in; uint8 out for flips/shifts (exact), float32 in 0..255 when rotating."""
+        """uint8 in; uint8 out (exact pixels) except for bilinear rotation: float32 in 0..255."""
         r = self.draw(g, x.shape[0], x.device)
-        return self._rotate(x, r) if "angle" in r else self._gather(x, r)
+        if r["hflip"] is not None or r["vflip"] is not None or "dx" in r:
+            x = self._gather(x, r)
+        return self._rotate(x, r["angle"]) if "angle" in r else x
 
     def _source_index(self, n: int, flip: torch.Tensor | None, shift: torch.Tensor | None,
                       b: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-image source indices [B, n] along one axis and, for zero borders, their validity."""
+        """Per-image source indices [B, n] along one axis and, for zero borders, their validity: the
+        flip first, then the crop of the padded image (torchvision's order: output i <- flip(pad(i + s)))."""
         idx = torch.arange(n, device=device).expand(b, n)
-        if flip is not None:
-            idx = torch.where(flip[:, None], n - 1 - idx, idx)
+        valid = None
         if shift is not None:
             idx = idx + shift[:, None]
-        if self.border == "reflect" or shift is None:
-            return _reflect(idx, n), None
-        valid = (idx >= 0) & (idx < n)
-        return idx.clamp(0, n - 1), valid
+            if self.border == "reflect":
+                idx = _reflect(idx, n)
+            else:
+                valid = (idx >= 0) & (idx < n)
+                idx = idx.clamp(0, n - 1)
+        if flip is not None:  # a flip maps [0, n) onto itself: validity is unchanged
+            idx = torch.where(flip[:, None], n - 1 - idx, idx)
+        return idx, valid
 
     def _gather(self, x: torch.Tensor, r: dict[str, torch.Tensor]) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -351,26 +372,51 @@ class _Geometry:
             out.mul_((row_ok[:, :, None] & col_ok[:, None, :])[:, None].to(out.dtype))
         return out
 
-    def _rotate(self, x: torch.Tensor, r: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _rotate(self, x: torch.Tensor, angle_deg: torch.Tensor) -> torch.Tensor:
+        """Rotate image i by ``angle_deg[i]`` (counter-clockwise) about its centre on torchvision's
+        sampling grid (``rotate_image``: the same float32 grid, so nearest picks the same pixels)."""
         b, c, h, w = x.shape
-        dev = x.device
-        ones = torch.ones(b, device=dev)
-        fx = 1 - 2 * r["hflip"].float() if r["hflip"] is not None else ones
-        fy = 1 - 2 * r["vflip"].float() if r["vflip"] is not None else ones
-        cos, sin = torch.cos(r["angle"]), torch.sin(r["angle"])
-        dx = r["dx"].float() if "dx" in r else torch.zeros(b, device=dev)
-        dy = r["dy"].float() if "dy" in r else torch.zeros(b, device=dev)
-        # pixel-centred output coords -> source coords, then to [-1, 1] for align_corners=True
-        sx, sy = 2 / max(w - 1, 1), 2 / max(h - 1, 1)
-        u = (torch.arange(w, device=dev, dtype=torch.float32) - (w - 1) / 2)[None, None, :]
-        v = (torch.arange(h, device=dev, dtype=torch.float32) - (h - 1) / 2)[None, :, None]
-        grid = torch.empty(b, h, w, 2, device=dev)
-        col = lambda t: t[:, None, None]  # noqa: E731  [B] -> [B, 1, 1]
-        grid[..., 0] = (col(cos * fx * sx) * u - col(sin * fy * sx) * v).add_(col(dx * sx))
-        grid[..., 1] = (col(sin * fx * sy) * u + col(cos * fy * sy) * v).add_(col(dy * sy))
-        # align_corners=True + "reflection" mirrors about edge-pixel centres, as _reflect / F.pad do.
-        mode = "reflection" if self.border == "reflect" else "zeros"
-        return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode=mode, align_corners=True)
+        grid = _rotation_grid(angle_deg, h, w)
+        padding = "zeros" if self.rotate.fill == "zero" else "reflection"
+        if self.rotate.interpolation == "bilinear":
+            return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode=padding, align_corners=False)
+        # Nearest: sample an image of pixel numbers (1-based, 0 outside) and gather the uint8 pixels they
+        # name: exact values, and one channel through grid_sample instead of c channels in float.
+        numbers = torch.arange(1, h * w + 1, device=x.device, dtype=torch.float32).view(1, 1, h, w)
+        picked = F.grid_sample(numbers.expand(b, 1, h, w), grid, mode="nearest", padding_mode=padding,
+                               align_corners=False).view(b, 1, h * w).long()
+        out = x.reshape(b, c, h * w).gather(2, (picked - 1).clamp_(min=0).expand(b, c, h * w)).view(b, c, h, w)
+        if self.rotate.fill == "zero":
+            out.mul_((picked > 0).view(b, 1, h, w).to(out.dtype))
+        return out
+
+
+# (h, w, device) -> torchvision's pixel-centred base grid [1, h*w, 3] and its rescaling [0.5 w, 0.5 h]:
+# built once, so a batch makes no host-to-device copy
+_GRID_BASES: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _rotation_grid(angle_deg: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """torchvision's ``rotate_image`` grid for each angle [B] -> [B, h, w, 2] (align_corners=False).
+
+    Computed as torchvision computes it, so that nearest-neighbour sampling rounds the same way: the
+    inverse matrix in float64 (``_get_inverse_affine_matrix`` with the angle taken mod 360 and negated),
+    then float32 for the rescaled matrix and the product with the pixel-centred base grid."""
+    dev = angle_deg.device
+    key = (h, w, str(dev))
+    if key not in _GRID_BASES:
+        base = torch.empty(1, h, w, 3, device=dev)
+        base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=dev))
+        base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=dev).unsqueeze_(-1))
+        base[..., 2].fill_(1)
+        _GRID_BASES[key] = base.view(1, h * w, 3), torch.tensor([0.5 * w, 0.5 * h], device=dev)
+    base, scale = _GRID_BASES[key]
+    rad = torch.remainder(angle_deg.double(), 360.0).neg_().mul_(math.pi / 180.0)
+    cos, sin = torch.cos(rad).float(), torch.sin(rad).float()
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos, sin, zero], 1), torch.stack([-sin, cos, zero], 1)], 1)  # [B, 2, 3]
+    rescaled = theta.transpose(1, 2).div_(scale)  # [B, 3, 2]
+    return base.expand(angle_deg.shape[0], h * w, 3).bmm(rescaled).view(-1, h, w, 2)
 
 
 def _factors(g: torch.Generator, b: int, amount: float, device: torch.device) -> torch.Tensor:

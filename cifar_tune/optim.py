@@ -30,6 +30,8 @@ __all__ = [
     "Schedule",
     "build_optimizer",
     "build_schedule",
+    "load_optimizer_state",
+    "match_state_to_settings",
 ]
 
 OPTIMIZERS = Registry("optimizer")
@@ -236,6 +238,56 @@ def build_optimizer(params: Params, cfg: Mapping[str, Any]) -> torch.optim.Optim
     if not params:
         raise ValueError("params: the model has no trainable parameters")
     return OPTIMIZERS[name](params, **hparams)
+
+
+# Per-parameter state buffers that exist only under some settings: torch creates them at a parameter's
+# first step and from then on reads them whenever the setting asks for them. A state saved under other
+# settings (a PBT exploit that switched amsgrad, centered or RMSprop's momentum on) lacks them, and the
+# next step raised KeyError. ``_ZEROED``: buffer -> "this group's settings use it"; a missing one starts
+# at zeros, its value before the first step in torch. ``_DROPPED``: buffers torch creates itself when
+# absent (SGD's momentum buffer starts as the gradient) and only needs dropped when unused.
+_Uses = Callable[[Mapping[str, Any]], bool]
+_ZEROED: dict[type[torch.optim.Optimizer], dict[str, _Uses]] = {
+    torch.optim.Adam: {"max_exp_avg_sq": lambda g: bool(g["amsgrad"])},
+    torch.optim.AdamW: {"max_exp_avg_sq": lambda g: bool(g["amsgrad"])},
+    torch.optim.RMSprop: {"momentum_buffer": lambda g: g["momentum"] > 0, "grad_avg": lambda g: bool(g["centered"])},
+}
+_DROPPED: dict[type[torch.optim.Optimizer], dict[str, _Uses]] = {
+    torch.optim.SGD: {"momentum_buffer": lambda g: g["momentum"] != 0},
+}
+
+
+def match_state_to_settings(optimizer: torch.optim.Optimizer) -> None:
+    """Make each parameter's state hold exactly the buffers its group's current settings use: call it
+    after ``load_state_dict`` and after changing a group's hyperparameters. Unused buffers are dropped
+    so that switching a setting off and on again starts it afresh, as a new run would, instead of
+    reviving values from before the switch."""
+    zeroed, dropped = _ZEROED.get(type(optimizer), {}), _DROPPED.get(type(optimizer), {})
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not state:  # no step yet: torch builds the state from the settings
+                continue
+            for key, uses in zeroed.items():
+                if uses(group) and key not in state:
+                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                elif not uses(group):
+                    state.pop(key, None)
+            for key, uses in dropped.items():
+                if not uses(group):
+                    state.pop(key, None)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+    """Load a saved ``optimizer.state_dict()`` keeping this optimizer's hyperparameters (lr, momentum,
+    betas, amsgrad, ...): buffers and step counts come from the state, settings from the config this
+    optimizer was built from. Identical when continuing; PBT's new values after an exploit, with the
+    buffers a changed setting needs (``match_state_to_settings``)."""
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, own in zip(optimizer.param_groups, settings, strict=True):
+        group.update(own)
+    match_state_to_settings(optimizer)
 
 
 # --------------------------------------------------------------------------------------------------

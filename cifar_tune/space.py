@@ -189,6 +189,22 @@ def clip(dist: Dist, value: Any) -> Any:
     return value  # choice: PBT only shifts to a neighbouring option; normal: unbounded
 
 
+def clip_extremes(dist: Dist) -> list[Any] | None:
+    """The values at the edges of what PBT's explore step can set a mutated key to: a perturbation
+    (x0.8, x1.2) clipped by ``clip`` lands anywhere in the range, both ends included, and a choice moves
+    to any option. None for ``normal``: perturbations are unbounded and nothing clips them."""
+    k, a = dist.kind, dist.args
+    if k in ("uniform", "loguniform"):
+        return [a[0], a[1]]
+    if k in ("quniform", "qloguniform"):
+        return [clip(dist, a[0]), clip(dist, a[1])]
+    if k in ("randint", "lograndint"):
+        return [a[0], a[1] - 1]
+    if k in ("choice", "grid"):
+        return list(a)
+    return None
+
+
 def _quantize(x: float, q: float) -> float | int:
     v = round(x / q) * q
     # keep integers integral (quniform [16, 256, 16] gives ints) and avoid 0.30000000000000004

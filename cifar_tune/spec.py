@@ -697,18 +697,18 @@ def parse_mutations(raw: Mapping[str, Any]) -> dict[str, Dist]:
 
 def check_mutations(raw: Mapping[str, Any], space: dict[str, Any], info: Any, errors: ErrorList) -> None:
     """Every mutated key must exist, with a constant or distribution, in every option the space can
-    sample, be a hyperparameter PBT can change mid-run, and take the mutation's values."""
+    sample, be a hyperparameter PBT can change mid-run, and take every value PBT can give it: the ends of
+    its range (perturbed values are clipped to them), alone and together with the other mutated keys."""
+    import itertools
     import random
 
-    import torch
-
-    from cifar_tune.augment import AUGMENTS, build_augment
-    from cifar_tune.optim import OPTIMIZERS, SCHEDULE_COMMON_KEYS, SCHEDULES, build_optimizer, build_schedule
-    from cifar_tune.space import sample_tree
+    from cifar_tune.augment import AUGMENTS
+    from cifar_tune.optim import OPTIMIZERS, SCHEDULE_COMMON_KEYS, SCHEDULES
+    from cifar_tune.space import clip_extremes, sample_tree
     from cifar_tune.train import TrainOptions
 
     base = "search.scheduler.mutations"
-    dummy = [torch.nn.Parameter(torch.zeros(2))]
+    checked: dict[str, list[tuple[list[str], Dist]]] = {}  # section -> mutated (keys, dist) that passed
     for path, value in mutation_leaves(raw):
         where = f"{base}.{path}"
         dist = parse_tree(value, where, errors)
@@ -716,6 +716,9 @@ def check_mutations(raw: Mapping[str, Any], space: dict[str, Any], info: Any, er
             continue
         if not isinstance(dist, Dist) or dist.kind == "grid":
             errors.add(where, f"must be a distribution (choice, uniform, loguniform, ...), got {to_plain_spec(dist)!r}")
+            continue
+        if dist.kind == "normal":
+            errors.add(where, "normal is unbounded: PBT scales the value by 0.8 or 1.2 with nothing to clip it; use uniform or loguniform over the valid range")
             continue
         section, _, rest = path.partition(".")
         keys = rest.split(".") if rest else []
@@ -729,6 +732,7 @@ def check_mutations(raw: Mapping[str, Any], space: dict[str, Any], info: Any, er
         if section == "train" and keys[0] not in MUTABLE_TRAIN_KEYS:
             errors.add(where, f"train.{keys[0]} cannot change during a trial; mutable: {', '.join('train.' + k for k in MUTABLE_TRAIN_KEYS)}")
             continue
+        n_before = len(errors.items)
         for alt_path, alt in alternatives(space.get(section, SPACE_DEFAULTS.get(section)), f"space.{section}"):
             node = alt
             for k in keys[:-1]:
@@ -744,33 +748,73 @@ def check_mutations(raw: Mapping[str, Any], space: dict[str, Any], info: Any, er
                 hints = get_type_hints(AUGMENTS[keys[0]])
             else:
                 hints = get_type_hints(TrainOptions)
-            n_before = len(errors.items)
             check_value(dist, hints.get(keys[-1], Any), where, errors)
             if len(errors.items) > n_before:
                 break
-            for i in range(BUILD_CHECK_DRAWS):  # the values the mutation can produce must build
-                cfg = sample_tree(alt, random.Random(f"mutation:{i}"))
-                target = cfg
-                for k in keys[:-1]:
-                    target = target[k]
-                target[keys[-1]] = sample_tree(dist, random.Random(f"mutation:{path}:{i}"))
-                try:
-                    if section == "optimizer":
-                        build_optimizer(dummy, cfg)
-                    elif section == "schedule":
-                        build_schedule(torch.optim.SGD(dummy, lr=0.1), cfg, epochs=10, steps_per_epoch=10)
-                    elif section == "augment" and info is not None:
-                        build_augment(cfg, mean=info.mean, std=info.std, num_classes=info.num_classes)
-                    elif section == "train":
-                        _check_train(cfg, "space.train", (errs := ErrorList()))
-                        if errs:
-                            raise ValueError(errs.items[0].split(": ", 1)[-1])
-                except (ValueError, TypeError, KeyError) as e:
-                    msg = str(e.args[0]) if e.args else repr(e)
-                    errors.add(where, f"a value it can produce is invalid in {alt_path}: {msg.splitlines()[0]}")
+            for i in range(BUILD_CHECK_DRAWS):  # values from inside the range
+                value = sample_tree(dist, random.Random(f"mutation:{path}:{i}"))
+                if msg := _mutated_build_error(section, alt, {tuple(keys): value}, info, i):
+                    errors.add(where, f"a value it can produce is invalid in {alt_path}: {msg}")
                     break
+            else:
+                for value in clip_extremes(dist) or []:  # and the ends, which clipping reaches
+                    if msg := next(filter(None, (_mutated_build_error(section, alt, {tuple(keys): value}, info, i)
+                                                 for i in range(BUILD_CHECK_DRAWS))), None):
+                        errors.add(where, f"can reach {keys[-1]}={value!r} (PBT clips perturbed values to the range's ends), invalid in {alt_path}: {msg}")
+                        break
             if len(errors.items) > n_before:
                 break
+        if len(errors.items) == n_before:
+            checked.setdefault(section, []).append((keys, dist))
+    # An exploit perturbs every mutated key at once: the ends must also work together (nesterov with
+    # momentum's lower end, ...). The product of the ends is small: a few keys with two ends each.
+    for section, mutated in checked.items():
+        if len(mutated) < 2:
+            continue
+        for alt_path, alt in alternatives(space.get(section, SPACE_DEFAULTS.get(section)), f"space.{section}"):
+            ends = [[(tuple(keys), v) for v in clip_extremes(dist) or []] for keys, dist in mutated]
+            for combo in itertools.islice(itertools.product(*ends), MAX_JOINT_CHECKS):
+                if msg := _mutated_build_error(section, alt, dict(combo), info, 0):
+                    values = ", ".join(f"{section}.{'.'.join(k)}={v!r}" for k, v in combo)
+                    errors.add(base, f"together, {values} (ends of their ranges) are invalid in {alt_path}: {msg}")
+                    break
+
+
+MAX_JOINT_CHECKS = 256  # combinations of mutated keys' range ends built per space alternative
+
+
+def _mutated_build_error(section: str, alt: Any, values: Mapping[tuple[str, ...], Any], info: Any, draw: int) -> str | None:
+    """Build one sample of a space alternative with ``values`` set at their key paths; the first line of
+    the builder's complaint, or None when it builds."""
+    import random
+
+    import torch
+
+    from cifar_tune.augment import build_augment
+    from cifar_tune.optim import build_optimizer, build_schedule
+    from cifar_tune.space import sample_tree
+
+    cfg = sample_tree(alt, random.Random(f"mutation:{draw}"))
+    for keys, value in values.items():
+        target = cfg
+        for k in keys[:-1]:
+            target = target[k]
+        target[keys[-1]] = value
+    try:
+        if section == "optimizer":
+            build_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg)
+        elif section == "schedule":
+            build_schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1), cfg, epochs=10, steps_per_epoch=10)
+        elif section == "augment" and info is not None:
+            build_augment(cfg, mean=info.mean, std=info.std, num_classes=info.num_classes)
+        elif section == "train":
+            _check_train(cfg, "space.train", (errs := ErrorList()))
+            if errs:
+                raise ValueError(errs.items[0].split(": ", 1)[-1])
+    except (ValueError, TypeError, KeyError) as e:
+        msg = str(e.args[0]) if e.args else repr(e)
+        return msg.splitlines()[0]
+    return None
 
 
 def _dataset_info(data: DataSpec, errors: ErrorList) -> Any:

@@ -22,7 +22,7 @@ from torch import nn
 from cifar_tune.augment import build_augment, normalizer
 from cifar_tune.data import Split
 from cifar_tune.devices import keep_host_memory, peak_memory_mb
-from cifar_tune.optim import build_optimizer, build_schedule
+from cifar_tune.optim import build_optimizer, build_schedule, load_optimizer_state
 from cifar_tune.transfer import param_groups, scale_lrs
 
 
@@ -278,12 +278,9 @@ class Trainer:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        # Hyperparameters (lr, momentum, betas, weight decay, ...) come from this run's config, buffers and
+        # Hyperparameters (lr, momentum, betas, amsgrad, ...) come from this run's config, buffers and
         # step counts from the state: identical when continuing, PBT's new values after an exploit.
-        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(state["optimizer"])
-        for group, hparams in zip(self.optimizer.param_groups, fresh, strict=True):
-            group.update(hparams)
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         torch.set_rng_state(state["rng"]["torch"])
         if self.device.type == "cuda" and "cuda" in state["rng"]:

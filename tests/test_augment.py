@@ -106,15 +106,68 @@ def test_rotation_geometry() -> None:
     x, y = _batch()
     ref = normalize(x, MEAN, STD)
     out, _ = _run({"rotation": {"degrees": 1e-3}}, x, y)
-    assert (out - ref).abs().max() < 0.05
-    out, _ = _run({"rotation": {"degrees": 1e-3}, "hflip": {"p": 1.0}}, x, y)
+    assert torch.equal(out, ref)  # nearest neighbour: the same pixels
+    out, _ = _run({"rotation": {"degrees": 1e-3, "interpolation": "bilinear"}, "hflip": {"p": 1.0}}, x, y)
     assert (out - normalize(x.flip(-1), MEAN, STD)).abs().max() < 0.05
     big, _ = _run({"rotation": {"degrees": 30}}, x, y)
     assert (big - ref).abs().mean() > 0.1
-    # a constant image stays constant under reflect-filled rotation (no black corners)
     flat = torch.full((4, 3, 12, 12), 200, dtype=torch.uint8)
-    out, _ = _run({"rotation": {"degrees": 40}, "crop": {"padding": 4}}, flat, y[:4])
-    assert torch.allclose(out, normalize(flat, MEAN, STD), atol=1e-4)
+    for interpolation in ("nearest", "bilinear"):
+        # a constant image stays constant under reflect-filled rotation (no black corners) ...
+        rot = {"degrees": 40, "interpolation": interpolation}
+        out, _ = _run({"rotation": {**rot, "fill": "reflect"}, "crop": {"padding": 4}}, flat, y[:4])
+        assert torch.allclose(out, normalize(flat, MEAN, STD), atol=1e-4)
+        # ... and gets black corners under the default zero fill, whatever crop's padding mode
+        out, _ = _run({"rotation": rot, "crop": {"padding": 4}}, flat, y[:4])
+        black = normalize(torch.zeros(1, 3, 1, 1, dtype=torch.uint8), MEAN, STD)[0, :, 0, 0]
+        corners = out[:, :, [0, 0, -1, -1], [0, -1, 0, -1]]  # [B, C, 4]
+        assert ((corners - black.view(1, 3, 1)).abs().amax(1) < 1e-4).sum() >= 4  # most images lose a corner
+
+
+def test_rotation_defaults_are_torchvisions_random_rotation() -> None:
+    """What the seed recipes used: v2.RandomRotation(degrees) is nearest neighbour with a 0 fill."""
+    from torchvision.transforms import v2
+
+    tv = v2.RandomRotation(15)
+    rot = AUGMENTS["rotation"]()
+    assert v2.InterpolationMode(tv.interpolation) == v2.InterpolationMode.NEAREST and rot.interpolation == "nearest"
+    fills = tv.fill.values() if isinstance(tv.fill, dict) else [tv.fill]
+    assert set(fills) == {0} and rot.fill == "zero"
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "zeros"])
+@pytest.mark.parametrize("size", [(32, 32), (15, 22)])
+def test_geometric_stage_equals_torchvisions_pipeline(padding_mode: str, size: tuple[int, int]) -> None:
+    """hflip + crop + rotation (defaults) against torchvision's RandomHorizontalFlip, RandomCrop(padding,
+    padding_mode) and RandomRotation applied image by image with the same draws: bitwise equal."""
+    from torchvision.transforms.v2 import functional as TF
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, 256, (64, 3, *size), generator=g, dtype=torch.uint8)
+    cfg = {"hflip": True, "crop": {"padding": 4, "padding_mode": padding_mode}, "rotation": {"degrees": 45}}
+    aug = build_augment(cfg, mean=MEAN, std=STD, num_classes=K)
+    out, _ = aug(x, torch.zeros(64, dtype=torch.int64), torch.Generator().manual_seed(7))
+    r = aug._geometry.draw(torch.Generator().manual_seed(7), 64, x.device)  # the geometric stage draws first
+    ref = []
+    for i in range(64):
+        img = TF.horizontal_flip(x[i]) if r["hflip"][i] else x[i]
+        img = TF.pad(img, [4], padding_mode="reflect" if padding_mode == "reflect" else "constant")
+        img = TF.crop(img, 4 + int(r["dy"][i]), 4 + int(r["dx"][i]), *size)
+        ref.append(TF.rotate(img, float(r["angle"][i]), interpolation=TF.InterpolationMode.NEAREST))
+    assert torch.equal(out, normalize(torch.stack(ref), MEAN, STD))
+
+
+def test_bilinear_rotation_is_torchvisions_before_its_rounding() -> None:
+    """``interpolation: bilinear`` keeps float pixels; rounded, they are torchvision's bilinear rotate."""
+    from torchvision.transforms.v2 import functional as TF
+
+    x, _ = _batch(b=64, s=20, seed=2)
+    geo = A._Geometry.from_ops([AUGMENTS["rotation"](degrees=90, interpolation="bilinear")])
+    angles = torch.linspace(-90, 90, 64)
+    out = geo._rotate(x, angles)
+    ref = torch.stack([TF.rotate(x[i], float(angles[i]), interpolation=TF.InterpolationMode.BILINEAR)
+                       for i in range(64)])
+    assert out.dtype == torch.float32 and torch.equal(out.round().to(torch.uint8), ref)
 
 
 def test_zero_color_jitter_is_identity() -> None:
@@ -248,6 +301,8 @@ def test_unknown_name_lists_available() -> None:
 
 @pytest.mark.parametrize("cfg, message", [
     ({"rotation": {"degrees": -3}}, "degrees: must be in [0, 180], got -3"),
+    ({"rotation": {"interpolation": "bicubic"}}, "interpolation: must be one of nearest, bilinear; got 'bicubic'"),
+    ({"rotation": {"fill": "black"}}, "fill: must be one of zero, reflect; got 'black'"),
     ({"hflip": {"p": 1.5}}, "p: must be in [0, 1], got 1.5"),
     ({"crop": {"padding": -1}}, "padding: must be >= 0, got -1"),
     ({"crop": {"padding": 2.5}}, "padding: must be an integer"),

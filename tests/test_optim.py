@@ -444,3 +444,105 @@ def test_optimizer_defaults_equal_torch_optim_defaults(name: str) -> None:
     ours = _train_20_steps(lambda p: build_optimizer(p, {"name": name}))
     ref = _train_20_steps(lambda p: TORCH_CLASS[name](p))
     assert all(torch.equal(a, b) for a, b in zip(ours, ref, strict=True))
+
+
+# --------------------------------------------------------------------------------------------------
+# PBT mutations: whatever validation accepts must survive an exploit (save, change, load, step)
+
+# Ranges a spec might mutate a numeric hyperparameter over; validation decides which each key takes.
+NUMERIC_MUTATIONS: list[dict[str, list[float]]] = [
+    {"uniform": [0.0, 0.5]}, {"uniform": [0.5, 1.0]}, {"uniform": [1.0, 2.0]},
+    {"loguniform": [1e-8, 1e-2]}, {"quniform": [0.0, 1.0, 0.25]},
+]
+KNOBS = [(name, key) for name in sorted(OPTIMIZERS) for key in OPTIMIZERS.hyperparameters(name)]
+
+
+def _steps(model: torch.nn.Module, opt: torch.optim.Optimizer, n: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def _builds(cfg: dict[str, Any]) -> bool:
+    try:
+        build_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg)
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(("name", "key"), KNOBS, ids=[f"{n}-{k}" for n, k in KNOBS])
+def test_every_mutation_validation_accepts_survives_an_exploit(name: str, key: str) -> None:
+    """Each candidate mutation of ``key`` (the space holds its default, so e.g. momentum starts at 0):
+    refused by validation only if a value PBT can reach (an end of the range) does not build; accepted,
+    then from the default and from each end to each end: build, step, save, rebuild with the new value,
+    load as a trial does after an exploit, step. No error, finite weights, and each parameter's state
+    has exactly the buffers torch.optim itself creates for the new settings."""
+    from cifar_tune.errors import ErrorList
+    from cifar_tune.optim import load_optimizer_state
+    from cifar_tune.space import Dist, clip_extremes
+    from cifar_tune.spec import check_mutations
+
+    default = OPTIMIZERS.defaults(name)[key]
+    candidates = [{"choice": [False, True]}] if isinstance(default, bool) else NUMERIC_MUTATIONS
+    base = {"name": name, "lr": 0.01} if key != "lr" else {"name": name}
+    if key == "nesterov":
+        base["momentum"] = 0.9  # nesterov needs momentum: with the default 0 no mutation of it could run
+    structure: dict[Any, list[list[str]]] = {}
+    accepted = 0
+    for mutation in candidates:
+        errors = ErrorList()
+        check_mutations({"optimizer": {key: mutation}}, {"optimizer": {**base, key: default}}, None, errors)
+        (kind, args), = mutation.items()
+        ends = clip_extremes(Dist(kind, tuple(args)))
+        if errors.items:
+            assert len(errors.items) == 1 and errors.items[0].startswith(f"search.scheduler.mutations.optimizer.{key}: ")
+            assert not all(_builds({**base, key: v}) for v in ends), (mutation, errors.items)
+            continue
+        accepted += 1
+        for start in [default, *ends]:
+            for end in ends:
+                torch.manual_seed(0)
+                model = torch.nn.Linear(4, 3)
+                before = build_optimizer(model.parameters(), {**base, key: start})
+                _steps(model, before, 3, seed=1)
+                saved = before.state_dict()
+                after = build_optimizer(model.parameters(), {**base, key: end})
+                load_optimizer_state(after, saved)
+                group = after.param_groups[0]  # the mutated value is the one in force
+                assert (group["betas"][int(key[-1]) - 1] if key in ("beta1", "beta2") else group[key]) == end
+                _steps(model, after, 2, seed=2)
+                assert all(torch.isfinite(p).all() for p in model.parameters())
+                if end not in structure:  # torch's own structure for the new settings: fresh, stepped once
+                    ref_model = torch.nn.Linear(4, 3)
+                    ref = build_optimizer(ref_model.parameters(), {**base, key: end})
+                    _steps(ref_model, ref, 1, seed=3)
+                    structure[end] = [sorted(ref.state[p]) for p in ref_model.parameters()]
+                assert [sorted(after.state[p]) for p in model.parameters()] == structure[end], (start, end)
+    assert accepted >= 1  # every hyperparameter has some mutation that runs
+
+
+@pytest.mark.parametrize(("mutations", "space", "message"), [
+    # clipped to momentum 1.0, which the sgd builder refuses (momentum 1 never forgets a gradient)
+    ({"momentum": {"uniform": [0.5, 1.0]}}, {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+     "search.scheduler.mutations.optimizer.momentum: can reach momentum=1.0 (PBT clips perturbed values to "
+     "the range's ends), invalid in space.optimizer: momentum: must be in [0, 1); got 1.0"),
+    ({"lr": {"normal": [0.1, 0.01]}}, {"name": "sgd", "lr": 0.1},
+     "search.scheduler.mutations.optimizer.lr: normal is unbounded"),
+    # each alone is fine; together nesterov meets momentum's lower end 0
+    ({"momentum": {"uniform": [0.0, 0.9]}, "nesterov": {"choice": [False, True]}},
+     {"name": "sgd", "lr": 0.1, "momentum": 0.5, "nesterov": False},
+     "search.scheduler.mutations: together, optimizer.momentum=0.0, optimizer.nesterov=True (ends of their "
+     "ranges) are invalid in space.optimizer: nesterov: needs momentum > 0 and dampening 0"),
+])
+def test_validation_refuses_mutations_pbt_would_crash_on(mutations: dict[str, Any], space: dict[str, Any],
+                                                         message: str) -> None:
+    from cifar_tune.errors import ErrorList
+    from cifar_tune.spec import check_mutations
+
+    errors = ErrorList()
+    check_mutations({"optimizer": mutations}, {"optimizer": space}, None, errors)
+    assert len(errors.items) == 1 and errors.items[0].startswith(message), errors.items

@@ -20,14 +20,38 @@ MAGNITUDES: dict[str, tuple[float, ...]] = {
     "ShearX": (0.1, -0.3, 0.99), "ShearY": (-0.1, 0.3, -0.99),
     "TranslateX": (3.7, -14.0, 30.0), "TranslateY": (-3.7, 14.0),
     "Rotate": (10.0, -30.0, 135.0),
-    "Brightness": (0.3, -0.9, 0.99), "Color": (-0.3, 0.9, -0.99),
+    "Brightness": (0.3, -0.9, 0.99), "Color": (-0.3, 0.9, -0.9, -0.99),
     "Contrast": (0.3, -0.9, 0.99), "Sharpness": (-0.3, 0.9, 0.99),
     "Posterize": (8, 6, 4, 2), "Solarize": (1.0, 0.7, 0.3, 0.0),
     "AutoContrast": (0.0,), "Equalize": (0.0,), "Invert": (0.0,),
 }
-# Exact everywhere but Color: torchvision blends one image at a time with python-float factors; the
-# batched blend differs by one level on < 1% of pixels (float rounding before truncation), mean < 0.01/255.
+# Exact everywhere but Color. torchvision's uint8 saturation blend ``x.mul(f).add_(gray, alpha=1 - f)`` is
+# a fused multiply-add on CPU (one rounding of x*f + gray*(1-f)); the batched blend rounds the product
+# first. Truncation to uint8 turns that last-bit difference into one grey level wherever the exact value
+# lies within a float32 ulp of an integer: up to 3.1% of pixels at magnitude -0.9 on these images.
+# So Color is held to the unfused blend bitwise and to torchvision within 1 level on <= 4% of pixels.
 EXACT = set(P.OPS) - {"Color"}
+COLOR_MAX_DIFF, COLOR_MAX_FRACTION = 1, 0.04
+
+
+def _unfused_color(img: torch.Tensor, m: float) -> torch.Tensor:
+    """torchvision's ``adjust_saturation`` on uint8 with the product rounded before the sum."""
+    if img.shape[-3] == 1:
+        return img
+    r, g, b = img.float().unbind(-3)
+    gray = r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(-3).floor_()
+    return (img.float() * (1.0 + m) + gray * torch.tensor(-m, dtype=torch.float32)).clamp_(0, 255).to(torch.uint8)
+
+
+def _check_close(ours: torch.Tensor, ref: torch.Tensor, img: torch.Tensor, op: str, m: float) -> None:
+    """Exact, or for Color the tolerance above (and bitwise the unfused blend)."""
+    diff = (ours.int() - ref.int()).abs()
+    if op in EXACT:
+        assert torch.equal(ours, ref), f"{op} {m}: max diff {diff.max()}"
+        return
+    assert torch.equal(ours, _unfused_color(img, m)), f"{op} {m}: not the unfused blend"
+    fraction = (diff > 0).float().mean().item()
+    assert diff.max() <= COLOR_MAX_DIFF and fraction <= COLOR_MAX_FRACTION, (op, m, diff.max(), fraction)
 
 
 def _images(b: int = 4, c: int = 3, h: int = 32, w: int = 40, seed: int = 0) -> torch.Tensor:
@@ -80,12 +104,9 @@ def test_primitive_matches_torchvision(op: str, m: float, channels: int) -> None
     ours = _ours(x, op, m)
     ref = torch.stack([_torchvision(img, op, m) for img in x])
     assert ours.dtype == torch.uint8 and ours.shape == x.shape
-    diff = (ours.int() - ref.int()).abs().float()
-    if op in EXACT:
-        assert torch.equal(ours, ref), f"{op} {m}: max diff {diff.max()}"
-    assert diff.mean() <= 2.0, f"{op} {m}: mean abs diff {diff.mean():.3f}/255 (max {diff.max():.0f})"
-    if op != "Identity" and not (op == "Color" and channels == 1) and m != 0 and op != "Posterize" or m < 8:
-        assert not torch.equal(ours, x) or torch.equal(ref, x)  # the op did something where torchvision did
+    _check_close(ours, ref, x, op, m)
+    for i in range(x.shape[0]):  # an image is left unchanged exactly when torchvision leaves it unchanged
+        assert torch.equal(ours[i], x[i]) == torch.equal(ref[i], x[i]), (op, m, i)
 
 
 def test_mixed_batch_each_image_gets_its_own_op() -> None:
@@ -96,9 +117,7 @@ def test_mixed_batch_each_image_gets_its_own_op() -> None:
     mag = torch.tensor([float(m) for _, m in cases], dtype=torch.float64)
     out = P.apply_ops(x, code, mag)
     for i, (op, m) in enumerate(cases):
-        ref = _torchvision(x[i], op, m)
-        d = (out[i].int() - ref.int()).abs().float()
-        assert d.mean() <= 2.0 and (op not in EXACT or d.max() == 0), (op, m, d.mean(), d.max())
+        _check_close(out[i], _torchvision(x[i], op, m), x[i], op, m)
 
 
 def test_spaces_and_policies_are_torchvisions() -> None:

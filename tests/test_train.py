@@ -190,6 +190,30 @@ def test_interrupted_and_continued_equals_uninterrupted(opt: str, sched: str, on
         assert torch.allclose(v.float(), second.model.state_dict()[k].float(), atol=1e-6, rtol=0), k
 
 
+SWITCHES = [("adam", "amsgrad", False, True), ("adamw", "amsgrad", False, True), ("rmsprop", "centered", False, True),
+            ("rmsprop", "momentum", 0.0, 0.9), ("sgd", "momentum", 0.0, 0.9)]
+
+
+@pytest.mark.parametrize(("opt", "key", "off", "on"), SWITCHES, ids=[f"{o}-{k}" for o, k, _, _ in SWITCHES])
+def test_exploit_that_switches_an_optimizer_buffer_on_and_off_trains_on(opt: str, key: str, off: Any, on: Any,
+                                                                         one_thread: None) -> None:
+    """A PBT exploit as the trial runs it: a trainer loads a checkpoint saved under another value of a
+    setting that decides the optimizer state's buffers (a KeyError at the first step before), trains
+    an epoch, and its checkpoint loads back under the first value."""
+    def config(value: Any) -> dict[str, Any]:
+        return {"optimizer": {"name": opt, "lr": 0.01, key: value}, "schedule": {"name": "none"},
+                "augment": {"hflip": True}, "train": {"batch_size": 32}}
+
+    first = _trainer(config(off), model_seed=0, epochs=3)
+    first.run_epoch()
+    switched = _trainer(config(on), model_seed=1, epochs=3)
+    switched.load_state_dict(checkpoint_from_bytes(checkpoint_to_bytes(first.state_dict())))
+    assert math.isfinite(switched.run_epoch()["train_loss"]) and switched.epoch == 2
+    back = _trainer(config(off), model_seed=2, epochs=3)
+    back.load_state_dict(checkpoint_from_bytes(checkpoint_to_bytes(switched.state_dict())))
+    assert math.isfinite(back.run_epoch()["train_loss"]) and back.epoch == 3
+
+
 def test_trial_resumed_from_its_checkpoint_continues_exactly(one_thread: None) -> None:
     """The trial layer end to end: checkpoints as bytes every epoch; continuing from epoch 1's
     reports epochs 2-3 as the uninterrupted trial did, with no lineage (its own checkpoint)."""
