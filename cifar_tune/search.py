@@ -348,19 +348,43 @@ def _comparable(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-def _plan(spec: Spec, exp: Experiment, resume: bool, out: Printer) -> tuple[TrialLog, list[tuple[str, dict[str, Any]]], int]:
-    """The trial log (restored when resuming) and the trials still to run."""
-    sched = spec.search.scheduler
-    kw = {"metric": spec.search.metric, "mode": spec.search.resolved_mode, "max_epochs": sched.max_epochs}
+def check_experiment(spec: Spec, exp: Experiment, resume: bool) -> None:
+    """Refuse a new search over an existing experiment, or a resume of a missing or different one.
+    Reads only: it runs before anything is downloaded, connected or written."""
     if exp.exists() and not resume:
         raise UserError(f"experiment '{exp.name}' already exists at {exp.uri()}; pass --resume to continue it or --name NEW")
     if resume and not exp.exists():
         raise UserError(f"--resume: no experiment '{exp.name}' at {exp.uri()}")
-    total = num_trials(spec)
     if resume:
         stored = yaml.safe_load(exp.read_text("spec.yaml"))["spec"]
         if _comparable(stored) != _comparable(spec.to_dict()):
             raise UserError(f"--resume: the spec differs from the one '{exp.name}' was started with ({exp.uri('spec.yaml')}); only search.num_samples/max_concurrent may change")
+
+
+def stored_spec(storage: str, name: str, overrides: list[str] | None = None) -> Spec:
+    """The spec an experiment was run with (its ``spec.yaml``, ``--set`` overrides included), with
+    ``overrides`` on top: what ``search --resume NAME`` continues, so no resume command can drift."""
+    from cifar_tune.spec import apply_overrides, parse_spec
+
+    exp = Experiment(storage, name)
+    if not exp.exists():
+        raise UserError(f"--resume: no experiment '{name}' at {exp.uri()}")
+    raw = yaml.safe_load(exp.read_text("spec.yaml"))["spec"]
+    return parse_spec(apply_overrides(raw, overrides or []), exp.uri("spec.yaml"))
+
+
+def resume_command(exp: Experiment, address: str | None) -> str:
+    """The command that continues ``exp``: everything else comes from its stored spec."""
+    return f"cifar-tune search --resume {exp.name} --storage {exp.storage.uri()}" + (f" --address {address}" if address else "")
+
+
+def _plan(spec: Spec, exp: Experiment, resume: bool, out: Printer) -> tuple[TrialLog, list[tuple[str, dict[str, Any]]], int]:
+    """The trial log (restored when resuming) and the trials still to run."""
+    sched = spec.search.scheduler
+    kw = {"metric": spec.search.metric, "mode": spec.search.resolved_mode, "max_epochs": sched.max_epochs}
+    check_experiment(spec, exp, resume)
+    total = num_trials(spec)
+    if resume:
         trials = exp.read_table("trials.parquet") if exp.has("trials.parquet") else None
         epochs = exp.read_table("epochs.parquet") if exp.has("epochs.parquet") else None
         log = TrialLog(exp, trials=trials, epochs=epochs, **kw)
@@ -436,13 +460,17 @@ def run_search(
 
     exp = Experiment(storage, name or spec.name)
     tracking.check_available(spec.tracking)
-    data_mod.prepare(spec.data)  # download once, in the driver, before anything is written or started
+    # the order matters: refusals that only read come first, then the cluster (a wrong --address fails
+    # here in seconds), then the data (downloaded once, in the driver); the experiment is written last,
+    # so a failed start leaves nothing that a second attempt would call "already exists"
+    check_experiment(spec, exp, resume)
+    cluster = tuner.connect(address, dashboard=dashboard, num_cpus=num_cpus)
+    data_mod.prepare(spec.data)
     data_mod.check_split(spec.data)  # a subset larger than the data set fails here, not in every trial
     log, todo, next_index = _plan(spec, exp, resume, out)
     total = num_trials(spec)
     record_run(exp, spec, resume)
     log.flush(force=True)
-    cluster = tuner.connect(address, dashboard=dashboard, num_cpus=num_cpus)
     print_cluster(cluster, out)
     mirror = _trials_dashboard(spec, exp, log, serve=dashboard, port=dashboard_port, out=out)
     for line in tracking.describe(spec.tracking, exp):
@@ -514,7 +542,7 @@ def run_search(
         out(line)
     out(f"trials: {exp.uri('trials.parquet')}  epochs: {exp.uri('epochs.parquet')}  TensorBoard: tensorboard --logdir {exp.uri('ray')}")
     if interrupted or unfinished:
-        out(f"{len(unfinished)} trials unfinished; continue with: cifar-tune search {spec.source} --name {exp.name} --resume")
+        out(f"{len(unfinished) + max(0, total - len(log.rows))} trials unfinished; continue with: {resume_command(exp, address)}")
     return exp
 
 

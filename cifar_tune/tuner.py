@@ -41,6 +41,7 @@ from ray.tune.schedulers import (  # noqa: E402
 from ray.tune.search import Searcher  # noqa: E402
 
 from cifar_tune import devices  # noqa: E402
+from cifar_tune.errors import UserError  # noqa: E402
 from cifar_tune.spec import ResourcesSpec, SchedulerSpec  # noqa: E402
 
 TOKEN_PATH = Path.home() / ".ray" / "auth_token"
@@ -76,6 +77,32 @@ class RayInfo:
 # ------------------------------------------------------------------------------------- the cluster
 
 
+CONNECT_TIMEOUT_S = 10.0  # a reachable head answers a TCP connect in milliseconds, even under load
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail in ``timeout_s`` with one line when nothing listens at a ``HOST:PORT`` address.
+
+    ``ray.init`` retries an unreachable GCS for minutes before it gives up, so a mistyped address would
+    look like a hang. ``auto`` (Ray finds the local cluster itself, or says at once that there is none)
+    and client addresses (``ray://``, with their own timeout) are left to Ray.
+    """
+    import socket
+
+    if address == "auto" or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UserError(f"--address {address}: expected HOST:PORT (e.g. 10.0.0.1:6379) or auto")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise UserError(f"--address {address}: no Ray cluster answers there ({reason} after at most "
+                        f"{timeout_s:g} s); start one with `ray start --head` or check the address") from None
+
+
 def connect(address: str | None = None, *, dashboard: bool = True, num_cpus: int | None = None) -> RayInfo:
     """Start a local Ray instance, or join ``address`` (e.g. ``auto`` or ``10.0.0.1:6379``)."""
     started_here = False
@@ -84,7 +111,11 @@ def connect(address: str | None = None, *, dashboard: bool = True, num_cpus: int
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
         if address:
-            ctx = ray.init(address=address, **kwargs)
+            check_reachable(address)
+            try:
+                ctx = ray.init(address=address, **kwargs)
+            except ConnectionError as e:  # e.g. `auto` with no cluster on this machine
+                raise UserError(f"--address {address}: {' '.join(str(e).split())[:300]}") from None
         else:
             ctx = ray.init(
                 address="local",  # a new instance, even if another Ray runs on this machine
