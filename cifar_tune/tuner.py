@@ -757,7 +757,15 @@ def tracking_callbacks(
                 status = status_of(trial.config["trial_id"])
                 if run_id and status:
                     self.mlflow_util._get_client().set_tag(run_id, "cifar_tune.status", status)
+                self.__dict__.setdefault("_ended", set()).add(trial)
                 super().log_trial_end(trial, failed=failed or status in ("diverged", "error", "oom"))
+
+            def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+                # trials an interrupted search leaves unfinished: KILLED until --resume continues their runs
+                ended = self.__dict__.setdefault("_ended", set())
+                for trial, run_id in self._trial_runs.items():
+                    if trial not in ended:
+                        self.mlflow_util.end_run(run_id=run_id, status="KILLED")
 
         out.append(_MLflow(**mlflow))
     if wandb:
@@ -797,7 +805,18 @@ def tracking_callbacks(
                 status = status_of(trial.config["trial_id"])
                 if status and trial in self._trial_queues:  # a config value: W&B's table shows it per run
                     self._trial_queues[trial].put((_QueueItem.RESULT, {"config": {"status": status}}))
+                self.__dict__.setdefault("_ended", set()).add(trial)
                 super().log_trial_end(trial, failed=failed)
+
+            def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+                # an interrupted search ends with trials that never ended: their logging actors would wait
+                # for more results, and Ray's callback for them, up to its 30-minute upload timeout
+                ended = self.__dict__.setdefault("_ended", set())
+                for trial in list(self._trial_queues):
+                    if trial not in ended:
+                        self._signal_logging_actor_stop(trial)
+                        ended.add(trial)
+                super().on_experiment_end(trials, **info)
 
         out.append(_Wandb(**wandb))
     return out

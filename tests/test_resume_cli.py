@@ -4,6 +4,7 @@ that continues the search from its stored spec."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -16,9 +17,11 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
+from trackers import mlflow_search_runs, mlflow_steps, tensorboard_scalars, wandb_runs_by_id
 
 from cifar_tune import data
 from cifar_tune.cli import main
+from cifar_tune.search import trial_label
 from cifar_tune.spec import DataSpec
 
 SPEC: dict[str, Any] = {
@@ -110,8 +113,14 @@ def test_a_new_root_is_created_for_the_download_in_an_existing_directory(tmp_pat
 @pytest.mark.slow
 def test_ctrl_c_exits_130_and_the_printed_command_continues_the_search(tmp_path: Path) -> None:
     """Started with --set overrides; Ctrl-C while t0000 stalls after its epoch-2 training: exit 130 and
-    a command that, run as printed, finishes the search with the same overrides (exit 0)."""
-    spec = {**SPEC, "search": {**SPEC["search"], "checkpoint": {"every_epochs": 1}}}
+    a command that, run as printed, finishes the search with the same overrides (exit 0). The trackers
+    continue each trial's run at its epochs: t0000's epoch 2, trained after the resume, is step 2 of
+    the run that has its epoch 1 (Ray's training_iteration restarts at 1)."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    spec = {**SPEC, "search": {**SPEC["search"], "checkpoint": {"every_epochs": 1}},
+            "tracking": {"mlflow": {"uri": str(tmp_path / "mlruns")},
+                         "wandb": {"project": "cifar-tune-tests", "mode": "offline", "dir": str(tmp_path / "wb")}}}
     path = _write(tmp_path, spec)
     storage = tmp_path / "exp"
     machine = ["--no-dashboard", "--num-cpus", "2", "--progress-every", "1"]  # this machine, not the search
@@ -126,7 +135,7 @@ def test_ctrl_c_exits_130_and_the_printed_command_continues_the_search(tmp_path:
         time.sleep(0.5)
         if trials_path.exists():
             t = pd.read_parquet(trials_path)
-            caught = bool(((t.trial_id == "t0000") & (t.status == "running") & (t.epochs_run == 1)).any())
+            caught = "checkpoint_epoch" in t and bool(((t.trial_id == "t0000") & (t.status == "running") & (t.checkpoint_epoch == 1)).any())
     assert caught, (tmp_path / "driver.log").read_text()[-3000:]
     driver.send_signal(signal.SIGINT)
     assert driver.wait(timeout=120) == 130, (tmp_path / "driver.log").read_text()[-3000:]
@@ -136,6 +145,22 @@ def test_ctrl_c_exits_130_and_the_printed_command_continues_the_search(tmp_path:
     resumed = subprocess.run([sys.executable, "-m", "cifar_tune", *shlex.split(hint[0])[1:], *machine],
                              capture_output=True, text=True, timeout=240, env=env)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "0 finished trials kept, 1 unfinished continue from their last checkpoint" in resumed.stdout
     trials = pd.read_parquet(trials_path)
     assert sorted(trials.trial_id) == ["t0000", "t0001"]  # num_samples=2 came from the stored spec
     assert (trials.status == "completed").all() and (trials.epochs_run == 2).all()  # and max_epochs=2
+    epochs = pd.read_parquet(storage / "cli" / "epochs.parquet")
+    client, runs = mlflow_search_runs(tmp_path / "mlruns", "cli")
+    assert sorted(r.data.params["trial_id"] for r in runs) == ["t0000", "t0001"]  # one run per trial
+    wb = wandb_runs_by_id(tmp_path / "wb")
+    assert len(wb) == 2 and max(r["files"] for r in wb.values()) == 2  # t0000's run, continued in a second file
+    for run in runs:
+        tid = run.data.params["trial_id"]
+        assert run.info.status == "FINISHED" and run.data.tags["cifar_tune.status"] == "completed"
+        ep = epochs[epochs.trial_id == tid].sort_values("epoch")
+        expected = [(int(e), pytest.approx(v)) for e, v in zip(ep.epoch, ep.val_acc, strict=True)]
+        assert mlflow_steps(client, run.info.run_id, "val_acc") == expected, tid
+        name = trial_label(tid, json.loads(trials.set_index("trial_id").config[tid]))
+        assert tensorboard_scalars(storage / "cli" / "ray", name, "ray/tune/val_acc") == expected, tid
+        (w,) = [r for r in wb.values() if name in r["names"]]
+        assert sorted((s, it["val_acc"]) for s, it in w["steps"]) == expected, tid
