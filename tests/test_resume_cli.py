@@ -17,7 +17,13 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
-from trackers import mlflow_search_runs, mlflow_steps, tensorboard_scalars, wandb_runs_by_id
+from trackers import (
+    mlflow_search_runs,
+    mlflow_steps,
+    run_in_own_session,
+    tensorboard_scalars,
+    wandb_runs_by_id,
+)
 
 from cifar_tune import data
 from cifar_tune.cli import main
@@ -128,22 +134,25 @@ def test_ctrl_c_exits_130_and_the_printed_command_continues_the_search(tmp_path:
     cmd = [sys.executable, "-m", "cifar_tune", "search", str(path), "--storage", str(storage),
            "--set", "search.num_samples=2", "--set", "search.scheduler.max_epochs=2", *machine]
     log = open(tmp_path / "driver.log", "w")  # noqa: SIM115 - the driver writes to it while it runs
-    driver = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    trials_path = storage / "cli" / "trials.parquet"
-    deadline, caught = time.monotonic() + 180, False
-    while time.monotonic() < deadline and not caught and driver.poll() is None:
-        time.sleep(0.5)
-        if trials_path.exists():
-            t = pd.read_parquet(trials_path)
-            caught = "checkpoint_epoch" in t and bool(((t.trial_id == "t0000") & (t.status == "running") & (t.checkpoint_epoch == 1)).any())
-    assert caught, (tmp_path / "driver.log").read_text()[-3000:]
-    driver.send_signal(signal.SIGINT)
-    assert driver.wait(timeout=120) == 130, (tmp_path / "driver.log").read_text()[-3000:]
+    driver = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        trials_path = storage / "cli" / "trials.parquet"
+        deadline, caught = time.monotonic() + 180, False
+        while time.monotonic() < deadline and not caught and driver.poll() is None:
+            time.sleep(0.5)
+            if trials_path.exists():
+                t = pd.read_parquet(trials_path)
+                caught = "checkpoint_epoch" in t and bool(((t.trial_id == "t0000") & (t.status == "running") & (t.checkpoint_epoch == 1)).any())
+        assert caught, (tmp_path / "driver.log").read_text()[-3000:]
+        driver.send_signal(signal.SIGINT)  # Ctrl-C reaches the driver only (its Ray instance stops with it)
+        assert driver.wait(timeout=120) == 130, (tmp_path / "driver.log").read_text()[-3000:]
+    finally:
+        if driver.poll() is None:  # a failed test leaves no driver or Ray instance behind
+            os.killpg(driver.pid, signal.SIGKILL)
     out = (tmp_path / "driver.log").read_text()
     hint = [ln.split("continue with: ", 1)[1] for ln in out.splitlines() if "continue with: " in ln]
     assert hint == [f"cifar-tune search --resume cli --storage {storage}"], out[-3000:]
-    resumed = subprocess.run([sys.executable, "-m", "cifar_tune", *shlex.split(hint[0])[1:], *machine],
-                             capture_output=True, text=True, timeout=240, env=env)
+    resumed = run_in_own_session([sys.executable, "-m", "cifar_tune", *shlex.split(hint[0])[1:], *machine], env=env, timeout_s=240)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert "0 finished trials kept, 1 unfinished continue from their last checkpoint" in resumed.stdout
     trials = pd.read_parquet(trials_path)

@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import assert_summaries_derived
+from trackers import run_in_own_session
 
 from cifar_tune.results import FINISHED
 from cifar_tune.spec import SchedulerSpec
@@ -214,7 +215,7 @@ SCHEDULERS: dict[str, dict[str, Any]] = {
     "asha": {"name": "asha", "max_epochs": 4, "grace_period": 1, "reduction_factor": 2},
     "median": {"name": "median", "max_epochs": 3, "grace_period": 1},
     "hyperband": {"name": "hyperband", "max_epochs": 4, "reduction_factor": 2},
-    "pbt": {"name": "pbt", "max_epochs": 4, "perturbation_interval": 1, "synch": True,
+    "pbt": {"name": "pbt", "max_epochs": 4, "perturbation_interval": 1, "synch": False,
             "mutations": {"optimizer": {"lr": {"loguniform": [0.003, 0.3]}}}},
 }
 
@@ -242,17 +243,19 @@ def test_driver_sigkill_then_resume_ends_the_search(scheduler: str, tmp_path: Pa
     driver = subprocess.Popen([sys.executable, "-m", "cifar_tune", "search", str(path), "--storage", str(storage), *machine],
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     trials_path = storage / spec["name"] / "trials.parquet"
-    deadline, caught = time.monotonic() + 240, False
-    while time.monotonic() < deadline and not caught and driver.poll() is None:
-        time.sleep(0.5)
-        if trials_path.exists():
-            t = pd.read_parquet(trials_path)
-            caught = "checkpoint_epoch" in t and bool(((t.trial_id == "t0001") & (t.status == "running") & (t.epochs_run == 1)).any())
-    assert caught, (tmp_path / "driver.log").read_text()[-3000:]
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait(timeout=30)
-    proc = subprocess.run([sys.executable, "-m", "cifar_tune", "search", "--resume", spec["name"], "--storage", str(storage), *machine],
-                          capture_output=True, text=True, timeout=300, env=env)
+    try:
+        deadline, caught = time.monotonic() + 240, False
+        while time.monotonic() < deadline and not caught and driver.poll() is None:
+            time.sleep(0.5)
+            if trials_path.exists():
+                t = pd.read_parquet(trials_path)
+                caught = "checkpoint_epoch" in t and bool(((t.trial_id == "t0001") & (t.status == "running") & (t.epochs_run == 1)).any())
+        assert caught, (tmp_path / "driver.log").read_text()[-3000:]
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray instance it started
+        driver.wait(timeout=30)
+    proc = run_in_own_session([sys.executable, "-m", "cifar_tune", "search", "--resume", spec["name"], "--storage", str(storage), *machine],
+                              env=env, timeout_s=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     trials = pd.read_parquet(trials_path)
     epochs = pd.read_parquet(storage / spec["name"] / "epochs.parquet")

@@ -4,7 +4,10 @@ and TensorBoard (event files), keyed by our trial id and by step."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import struct
+import subprocess
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -67,3 +70,16 @@ def tensorboard_scalars(root: Path, trial_dir_name: str, tag: str) -> list[tuple
             pos += 12 + length + 4
             out += [(int(event.step), v.simple_value) for v in event.summary.value if v.tag == tag]
     return sorted(out)
+
+
+def run_in_own_session(cmd: list[str], *, env: dict[str, str], timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run`` for a search driver: on a timeout the driver's whole process group (the Ray
+    instance it started) is killed, not the driver alone."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
