@@ -392,6 +392,8 @@ class _Keyed:
         self._trial, self.trial_id = trial, trial_id
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "_trial":  # (unpickling looks up hooks before __init__ ran)
+            raise AttributeError(name)
         if self._trial is None:
             raise AttributeError(f"{name}: trial {self.trial_id} ran in an earlier run of the search")
         return getattr(self._trial, name)
