@@ -11,7 +11,7 @@ from typing import Any
 
 from cifar_tune.errors import UserError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_STORAGE = "experiments"
 
 
@@ -167,16 +167,32 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from cifar_tune.search import run_search
+    """Exit 0: every trial finished and at least one trained; 1: none did; 130: interrupted (Ctrl-C),
+    with the command that continues it printed."""
+    from cifar_tune.results import FINISHED
+    from cifar_tune.search import num_trials, run_search, stored_spec
     from cifar_tune.spec import load_spec
 
-    spec = load_spec(args.spec, [*args.set, *tracking_overrides(args)])
+    overrides = [*args.set, *tracking_overrides(args)]
+    resume = args.resume is not None
+    if args.resume and args.name and args.resume != args.name:
+        raise UserError(f"--resume {args.resume} and --name {args.name} name different experiments")
+    name = args.resume or args.name
+    if args.spec is None:
+        if not args.resume:
+            raise UserError("search: give a spec file, or --resume NAME to continue an experiment from its stored spec")
+        spec = stored_spec(args.storage, args.resume, overrides)
+    else:
+        spec = load_spec(args.spec, overrides)
     exp = run_search(
-        spec, storage=args.storage, name=args.name, address=args.address, resume=args.resume,
+        spec, storage=args.storage, name=name, address=args.address, resume=resume,
         dashboard=not args.no_dashboard, num_cpus=args.num_cpus, progress_every_s=args.progress_every,
         dashboard_port=args.dashboard_port,
     )
     trials = exp.read_table("trials.parquet")
+    if len(trials) < num_trials(spec) or not trials["status"].isin(FINISHED).all():
+        print("interrupted: the search did not finish (continue it with the command above)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if not trials["status"].isin(["completed", "stopped"]).any():
         print("error: no trial finished training (see the error column of trials.parquet)", file=sys.stderr)
         return EXIT_FAILED
@@ -289,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cifar-tune",
         description="Hyperparameter and architecture search for CIFAR-style image classification on Ray Tune.",
-        epilog="Exit codes: 0 ok, 1 the work failed, 2 a mistake in the input (one line per problem).",
+        epilog="Exit codes: 0 ok, 1 the work failed, 2 a mistake in the input (one line per problem), 130 interrupted.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -319,11 +335,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("search", help="run the spec's search on Ray Tune")
-    _add_spec_args(p)
+    p.add_argument("spec", nargs="?", default=None, help="search space YAML file (not needed with --resume NAME)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key, e.g. search.num_samples=4 (repeatable)")
     p.add_argument("--name", help="experiment name (default: the spec's name)")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root: a directory or a pyarrow URI (default: experiments)")
     p.add_argument("--address", default=None, help="join an existing Ray cluster (e.g. auto or HOST:6379)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted search of the same name")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="NAME",
+                   help="continue an interrupted search: --resume NAME runs it from its stored spec (with the --set "
+                   "overrides it was started with; --set search.num_samples=... extends it); with a spec file, "
+                   "the spec must match the stored one")
     p.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray instance (default: all)")
     p.add_argument("--progress-every", type=float, default=15.0, metavar="SECONDS", help="live table interval")
@@ -409,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as e:  # data-layer errors that are the user's to fix
         from cifar_tune.data import DataError
 

@@ -280,8 +280,25 @@ def _extract(archive: Path, root: Path, folder: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _check_root(root: Path, download: bool) -> None:
+    """A data root that does not exist is a typo unless the download is to create it in a directory
+    that does: refuse it before the lock file would create it (and leave a stray directory behind)."""
+    if root.is_dir():
+        return
+    if root.exists():
+        raise DataError(f"data.root {root} is not a directory")
+    if root == Path(DEFAULT_DATA_ROOT).expanduser().absolute():
+        return  # the default cache: created on first use, parents included
+    if not download:
+        raise DataError(f"data.root {root} does not exist (and data.download is off, so nothing would fill it)")
+    if not root.parent.is_dir():
+        raise DataError(f"data.root {root} does not exist and neither does {root.parent}; check the path "
+                        "(a new root is created for the download only inside an existing directory)")
+
+
 def _prepare_cifar(src: CifarSource, root: Path, download: bool) -> None:
     """Make ``root/src.folder`` complete and md5-verified; download/extract under a cross-process lock."""
+    _check_root(root, download)
     with _file_lock(root / ".lock"):
         if _cifar_extracted(src, root):
             bad = _cifar_corrupt_file(src, root)

@@ -88,12 +88,19 @@ class OptunaSource:
         self.spec, self.log = spec, log
         self.reruns = list(reruns)
         self.next_index, self.total = next_index, total
+        # a resumed search continues the sampler's random stream elsewhere than where it began: seeded
+        # as at the start, its first draws would be the first run's configs again
+        seed = spec.search.seed if next_index == 0 else spec.search.seed + RESUME_SEED_STRIDE * next_index
         self.study = optuna.create_study(
             direction="maximize" if spec.search.resolved_mode == "max" else "minimize",
-            sampler=optuna.samplers.TPESampler(seed=spec.search.seed),
+            sampler=optuna.samplers.TPESampler(seed=seed),
         )
         self.counter = _param_counter(spec)
         self.asked: dict[str, Any] = {}
+        # --resume: TPE learns from the trials that finished before, as if it had asked for them
+        for tid, row in sorted(log.rows.items(), key=lambda kv: kv[1]["sample_index"]):
+            if row["status"] in FINISHED:
+                self._tell_recorded(tid, {"status": row["status"]}, error=row["status"] == "error")
 
     def next_trial(self) -> tuple[str, dict[str, Any]] | None:
         if self.reruns:
@@ -112,8 +119,34 @@ class OptunaSource:
         tid = trial_id_for(self.next_index)
         self.log.add_pending(tid, self.next_index, config, params)
         self.next_index += 1
+        ot.set_user_attr("trial_id", tid)
         self.asked[tid] = ot
         return tid, config
+
+    def _outcome(self, trial_id: str, result: dict[str, Any] | None, error: bool) -> tuple[Any, float | None, dict[int, float]]:
+        """(state, value, intermediate values by epoch) of a finished trial, from its epoch rows."""
+        states = self.optuna.trial.TrialState
+        metric = self.spec.search.metric
+        values = [(int(r["epoch"]), r.get(metric)) for r in self.log.trial_epochs(trial_id)]
+        steps = {e: float(v) for e, v in values if v is not None and math.isfinite(v)}
+        status = (result or {}).get("status")
+        if error or status in ("diverged", "oom", "error") or not steps:
+            return states.FAIL, None, steps
+        if len(self.log.trial_epochs(trial_id)) >= self.spec.search.scheduler.max_epochs:
+            pick = max if self.spec.search.resolved_mode == "max" else min
+            return states.COMPLETE, pick(steps.values()), steps
+        return states.PRUNED, None, steps
+
+    def _tell_recorded(self, trial_id: str, result: dict[str, Any] | None, error: bool) -> None:
+        """A trial Optuna did not ask for in this process (it ran before ``--resume``, or is rerun):
+        added to the study with the parameters its config was drawn with."""
+        recovered = optuna_params(self.optuna, self.spec.space, json.loads(self.log.rows[trial_id]["config"]))
+        if recovered is None:  # (a config this space cannot draw: nothing to learn from)
+            return
+        state, value, steps = self._outcome(trial_id, result, error)
+        self.study.add_trial(self.optuna.trial.create_trial(
+            params=recovered[0], distributions=recovered[1], state=state, value=value,
+            intermediate_values=steps, user_attrs={"trial_id": trial_id}))
 
     def trial_finished(self, trial_id: str, result: dict[str, Any] | None, error: bool) -> None:
         """Tell Optuna at a comparable fidelity: every epoch's metric is reported as an intermediate value
@@ -123,21 +156,65 @@ class OptunaSource:
         runs; errors, OOM and divergence are FAIL."""
         ot = self.asked.pop(trial_id, None)
         if ot is None:
+            if trial_id in self.log.rows:  # a trial of the earlier run, rerun after --resume
+                self._tell_recorded(trial_id, result, error)
             return
-        states = self.optuna.trial.TrialState
-        metric = self.spec.search.metric
-        values = [(int(r["epoch"]), r.get(metric)) for r in self.log.trial_epochs(trial_id)]
-        values = [(e, float(v)) for e, v in values if v is not None and math.isfinite(v)]
-        for epoch, v in values:
+        state, value, steps = self._outcome(trial_id, result, error)
+        for epoch, v in steps.items():
             ot.report(v, step=epoch)
-        status = (result or {}).get("status")
-        if error or status in ("diverged", "oom") or not values:
-            self.study.tell(ot, state=states.FAIL)
-        elif len(self.log.trial_epochs(trial_id)) >= self.spec.search.scheduler.max_epochs:
-            pick = max if self.spec.search.resolved_mode == "max" else min
-            self.study.tell(ot, pick(v for _, v in values))
+        if state == self.optuna.trial.TrialState.COMPLETE:
+            self.study.tell(ot, value)
         else:
-            self.study.tell(ot, state=states.PRUNED)
+            self.study.tell(ot, state=state)
+
+
+RESUME_SEED_STRIDE = 7919  # a prime: the resumed sampler's seed, seed + stride * trials drawn, repeats no earlier one
+
+
+def optuna_params(optuna: Any, tree: Any, config: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The Optuna parameters and distributions that :func:`suggest_tree` turns into ``config``
+    (None: the config is not one of this space's): how a finished trial is told to a new study."""
+    params: dict[str, Any] = {}
+    dists: dict[str, Any] = {}
+    return (params, dists) if _match(optuna.distributions, tree, config, "", params, dists) else None
+
+
+def _match(od: Any, tree: Any, value: Any, path: str, params: dict[str, Any], dists: dict[str, Any]) -> bool:
+    """suggest_tree backwards: fill ``params``/``dists`` so that the suggestions give ``value``."""
+    if isinstance(tree, Dist):
+        k, a, name = tree.kind, tree.args, path or "value"
+        if k in ("choice", "grid"):
+            for i, option in enumerate(a):  # the first option the value fits (suggest_tree's own order)
+                p: dict[str, Any] = {}
+                d: dict[str, Any] = {}
+                if _match(od, option, value, f"{name}[{i}]", p, d):
+                    params.update(p, **{name: i})
+                    dists.update(d, **{name: od.CategoricalDistribution(list(range(len(a))))})
+                    return True
+            return False
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return False
+        if k in ("randint", "lograndint"):
+            dist: Any = od.IntDistribution(a[0], a[1] - 1, log=k == "lograndint")
+            lo, hi = a[0], a[1] - 1
+        elif k == "normal":
+            lo, hi = a[0] - 3 * a[1], a[0] + 3 * a[1]
+            dist = od.FloatDistribution(lo, hi)
+        else:  # (q)(log)uniform: a quantised value was drawn in range and rounded, so clip it back
+            lo, hi = a[0], a[1]
+            dist = od.FloatDistribution(lo, hi, log=k in ("loguniform", "qloguniform"))
+        params[name] = min(max(value, lo), hi) if isinstance(dist, od.FloatDistribution) else int(value)
+        if isinstance(dist, od.FloatDistribution):
+            params[name] = float(params[name])
+        dists[name] = dist
+        return True
+    if isinstance(tree, dict):
+        return isinstance(value, dict) and set(value) == set(tree) and all(
+            _match(od, t, value[key], f"{path}.{key}" if path else key, params, dists) for key, t in tree.items())
+    if isinstance(tree, list):
+        return isinstance(value, list) and len(value) == len(tree) and all(
+            _match(od, t, v, f"{path}[{i}]", params, dists) for i, (t, v) in enumerate(zip(tree, value, strict=True)))
+    return bool(tree == value)
 
 
 def suggest_tree(tree: Any, trial: Any, path: str) -> Any:
@@ -348,19 +425,43 @@ def _comparable(d: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
-def _plan(spec: Spec, exp: Experiment, resume: bool, out: Printer) -> tuple[TrialLog, list[tuple[str, dict[str, Any]]], int]:
-    """The trial log (restored when resuming) and the trials still to run."""
-    sched = spec.search.scheduler
-    kw = {"metric": spec.search.metric, "mode": spec.search.resolved_mode, "max_epochs": sched.max_epochs}
+def check_experiment(spec: Spec, exp: Experiment, resume: bool) -> None:
+    """Refuse a new search over an existing experiment, or a resume of a missing or different one.
+    Reads only: it runs before anything is downloaded, connected or written."""
     if exp.exists() and not resume:
         raise UserError(f"experiment '{exp.name}' already exists at {exp.uri()}; pass --resume to continue it or --name NEW")
     if resume and not exp.exists():
         raise UserError(f"--resume: no experiment '{exp.name}' at {exp.uri()}")
-    total = num_trials(spec)
     if resume:
         stored = yaml.safe_load(exp.read_text("spec.yaml"))["spec"]
         if _comparable(stored) != _comparable(spec.to_dict()):
             raise UserError(f"--resume: the spec differs from the one '{exp.name}' was started with ({exp.uri('spec.yaml')}); only search.num_samples/max_concurrent may change")
+
+
+def stored_spec(storage: str, name: str, overrides: list[str] | None = None) -> Spec:
+    """The spec an experiment was run with (its ``spec.yaml``, ``--set`` overrides included), with
+    ``overrides`` on top: what ``search --resume NAME`` continues, so no resume command can drift."""
+    from cifar_tune.spec import apply_overrides, parse_spec
+
+    exp = Experiment(storage, name)
+    if not exp.exists():
+        raise UserError(f"--resume: no experiment '{name}' at {exp.uri()}")
+    raw = yaml.safe_load(exp.read_text("spec.yaml"))["spec"]
+    return parse_spec(apply_overrides(raw, overrides or []), exp.uri("spec.yaml"))
+
+
+def resume_command(exp: Experiment, address: str | None) -> str:
+    """The command that continues ``exp``: everything else comes from its stored spec."""
+    return f"cifar-tune search --resume {exp.name} --storage {exp.storage.uri()}" + (f" --address {address}" if address else "")
+
+
+def _plan(spec: Spec, exp: Experiment, resume: bool, out: Printer) -> tuple[TrialLog, list[tuple[str, dict[str, Any]]], int]:
+    """The trial log (restored when resuming) and the trials still to run."""
+    sched = spec.search.scheduler
+    kw = {"metric": spec.search.metric, "mode": spec.search.resolved_mode, "max_epochs": sched.max_epochs}
+    check_experiment(spec, exp, resume)
+    total = num_trials(spec)
+    if resume:
         trials = exp.read_table("trials.parquet") if exp.has("trials.parquet") else None
         epochs = exp.read_table("epochs.parquet") if exp.has("epochs.parquet") else None
         log = TrialLog(exp, trials=trials, epochs=epochs, **kw)
@@ -388,6 +489,20 @@ def _plan(spec: Spec, exp: Experiment, resume: bool, out: Printer) -> tuple[Tria
             log.add_pending(trial_id_for(i), i, s.config, s.params)
             todo.append((trial_id_for(i), s.config))
     return log, todo, next_index
+
+
+def scheduler_history(log: TrialLog) -> list[tuple[str, dict[str, Any], bool]]:
+    """What the scheduler of a resumed search is rebuilt from: every kept epoch row with a finite
+    metric, in the order the results arrived, and whether its trial had finished (see
+    ``tuner.make_scheduler``). Rows without the metric (a diverged epoch) were never judged."""
+    m = log.metric
+    out = []
+    for e in log.epochs:
+        v = e.get(m)
+        if e.get("epoch") is None or v is None or not math.isfinite(float(v)):
+            continue
+        out.append((e["trial_id"], {"epoch": int(e["epoch"]), m: float(v)}, log.rows[e["trial_id"]]["status"] in FINISHED))
+    return out
 
 
 RAY_RESOURCE_UNIT = 10_000  # Ray counts resources in 1/10000ths: 0.1 CPU is 1000 units, exactly
@@ -436,15 +551,19 @@ def run_search(
 
     exp = Experiment(storage, name or spec.name)
     tracking.check_available(spec.tracking)
-    data_mod.prepare(spec.data)  # download once, in the driver, before anything is written or started
+    # the order matters: refusals that only read come first, then the cluster (a wrong --address fails
+    # here in seconds), then the data (downloaded once, in the driver); the experiment is written last,
+    # so a failed start leaves nothing that a second attempt would call "already exists"
+    check_experiment(spec, exp, resume)
+    mps, mps_why = search_mps(spec.search.resources, joins=tuner.joins_cluster(address))
+    cluster = tuner.connect(address, dashboard=dashboard, num_cpus=num_cpus, mps=mps,
+                            mps_required=spec.search.resources.mps == "on", out=out)
+    data_mod.prepare(spec.data)
     data_mod.check_split(spec.data)  # a subset larger than the data set fails here, not in every trial
     log, todo, next_index = _plan(spec, exp, resume, out)
     total = num_trials(spec)
     record_run(exp, spec, resume)
     log.flush(force=True)
-    mps, mps_why = search_mps(spec.search.resources, joins=tuner.joins_cluster(address))
-    cluster = tuner.connect(address, dashboard=dashboard, num_cpus=num_cpus, mps=mps,
-                            mps_required=spec.search.resources.mps == "on", out=out)
     print_cluster(cluster, out)
     if spec.search.resources.gpus_per_trial > 0:
         out(f"CUDA MPS {'on' if mps else 'off'}: {mps_why}")
@@ -476,7 +595,7 @@ def run_search(
     mlflow_args, wandb_args = tracking.search_callback_args(spec.tracking, exp)
     facts = Facts(log, spec.space)
     callbacks = [tuner.tensorboard_callback(facts),
-                 *tuner.tracking_callbacks(mlflow=mlflow_args, wandb=wandb_args, facts=facts)]
+                 *tuner.tracking_callbacks(mlflow=mlflow_args, wandb=wandb_args, facts=facts, experiment_uri=exp.uri())]
     setup = TrialSetup(data=spec.data, epochs=spec.search.scheduler.max_epochs, seed=spec.search.seed,
                        checkpoint_every=spec.search.checkpoint.every_epochs)
     resume_from = {tid: exp.uri(log.rows[tid]["checkpoint"]) for tid, _ in todo if log.rows[tid].get("checkpoint")}
@@ -498,6 +617,7 @@ def run_search(
                 experiment=exp.name, callbacks=callbacks,
                 keep_checkpoints=spec.search.checkpoint.resolved_keep(spec.search.scheduler.name),
                 resume_from=resume_from,
+                scheduler_history=scheduler_history(log) if resume else None,
                 population=list(todo) if spec.search.scheduler.name == "pbt" else None,
             )
     except KeyboardInterrupt:
@@ -518,7 +638,7 @@ def run_search(
         out(line)
     out(f"trials: {exp.uri('trials.parquet')}  epochs: {exp.uri('epochs.parquet')}  TensorBoard: tensorboard --logdir {exp.uri('ray')}")
     if interrupted or unfinished:
-        out(f"{len(unfinished)} trials unfinished; continue with: cifar-tune search {spec.source} --name {exp.name} --resume")
+        out(f"{len(unfinished) + max(0, total - len(log.rows))} trials unfinished; continue with: {resume_command(exp, address)}")
     return exp
 
 

@@ -43,6 +43,7 @@ from ray.tune.schedulers import (  # noqa: E402
 from ray.tune.search import Searcher  # noqa: E402
 
 from cifar_tune import devices  # noqa: E402
+from cifar_tune.errors import UserError  # noqa: E402
 from cifar_tune.spec import ResourcesSpec, SchedulerSpec  # noqa: E402
 
 TOKEN_PATH = Path.home() / ".ray" / "auth_token"
@@ -81,6 +82,33 @@ class RayInfo:
 _local_services = contextlib.ExitStack()  # what a local instance started here needs stopped with it (MPS)
 
 
+CONNECT_TIMEOUT_S = 10.0  # a reachable head answers a TCP connect in milliseconds, even under load
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail in ``timeout_s`` with one line when nothing listens at a ``HOST:PORT`` address.
+
+    ``ray.init`` retries an unreachable GCS for minutes before it gives up, so a mistyped address would
+    look like a hang. ``auto`` (Ray finds the local cluster itself, or says at once that there is none)
+    and client addresses (``ray://``, with their own timeout) are left to Ray.
+    """
+    import socket
+
+    if address == "auto" or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UserError(f"--address {address}: expected HOST:PORT (e.g. 10.0.0.1:6379) or auto")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise UserError(f"--address {address}: no Ray cluster answers there ({reason} after at most "
+                        f"{timeout_s:g} s); start one with `ray start --head` or check the address") from None
+
+
+
 def joins_cluster(address: str | None) -> bool:
     """Would :func:`connect` join a running cluster rather than start a local instance?"""
     return bool(address or os.environ.get("RAY_ADDRESS"))
@@ -101,7 +129,11 @@ def connect(address: str | None = None, *, dashboard: bool = True, num_cpus: int
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
         if address:
-            ctx = ray.init(address=address, **kwargs)
+            check_reachable(address)
+            try:
+                ctx = ray.init(address=address, **kwargs)
+            except ConnectionError as e:  # e.g. `auto` with no cluster on this machine
+                raise UserError(f"--address {address}: {' '.join(str(e).split())[:300]}") from None
         else:
             if mps:  # before ray.init: the workers find the daemon through the variables it exports
                 try:
@@ -385,6 +417,96 @@ class _PBT(PopulationBasedTraining):
         return {**config, "trial_id": trial.config["trial_id"]}, operations
 
 
+class _Keyed:
+    """A trial as a scheduler sees it: known by our trial id, which a trial keeps across ``--resume``
+    (Ray's id is new in every driver run), and comparable by it (median stopping keys its history by
+    trial). A replayed trial of an earlier run has no Ray trial behind it."""
+
+    def __init__(self, trial: Any, trial_id: str) -> None:
+        self._trial, self.trial_id = trial, trial_id
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "_trial":  # (unpickling looks up hooks before __init__ ran)
+            raise AttributeError(name)
+        if self._trial is None:
+            raise AttributeError(f"{name}: trial {self.trial_id} ran in an earlier run of the search")
+        return getattr(self._trial, name)
+
+    def __hash__(self) -> int:
+        return hash(self.trial_id)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Keyed) and other.trial_id == self.trial_id
+
+    def __str__(self) -> str:
+        return str(self._trial) if self._trial is not None else self.trial_id
+
+
+class _NoLiveTrials:
+    """The controller a replayed result sees: the earlier run's trials are gone (nothing to yield to)."""
+
+    def get_live_trials(self) -> list[Any]:
+        return []
+
+
+# (trial id, result with the time attribute and the metric, whether the trial had finished)
+SchedulerHistory = list[tuple[str, dict[str, Any], bool]]
+
+
+class _Rebuilt:
+    """A scheduler whose state starts as an earlier run's results left it: Ray Tune restores none of
+    it, so a resumed ASHA search would judge its next results against empty rungs (and a continuing
+    trial would be recorded again, at a later epoch). The results are replayed (their decisions were
+    made before) when Tune first adds a trial, once the metric and mode are set."""
+
+    _history: SchedulerHistory | None = None
+
+    def _replay(self) -> None:
+        history, self._history = self._history, None
+        if not history:
+            return
+        ctrl, last, done = _NoLiveTrials(), {}, set()
+        for tid, result, finished in history:
+            key = _Keyed(None, tid)
+            if tid not in last:
+                super().on_trial_add(ctrl, key)  # type: ignore[misc]
+            super().on_trial_result(ctrl, key, result)  # type: ignore[misc]
+            last[tid] = result
+            if finished:
+                done.add(tid)
+        for tid in done:
+            super().on_trial_complete(ctrl, _Keyed(None, tid), last[tid])  # type: ignore[misc]
+
+    def _known(self, trial_id: str) -> bool:
+        return False
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self._replay()
+        if not self._known(trial.config["trial_id"]):  # a continuing trial keeps its bracket
+            super().on_trial_add(tune_controller, _Keyed(trial, trial.config["trial_id"]))  # type: ignore[misc]
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        return super().on_trial_result(tune_controller, _Keyed(trial, trial.config["trial_id"]), result)  # type: ignore[misc]
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> None:
+        super().on_trial_complete(tune_controller, _Keyed(trial, trial.config["trial_id"]), result)  # type: ignore[misc]
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_remove(tune_controller, _Keyed(trial, trial.config["trial_id"]))  # type: ignore[misc]
+
+    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_error(tune_controller, _Keyed(trial, trial.config["trial_id"]))  # type: ignore[misc]
+
+
+class _ASHA(_Rebuilt, AsyncHyperBandScheduler):
+    def _known(self, trial_id: str) -> bool:
+        return trial_id in self._trial_info
+
+
+class _Median(_Rebuilt, MedianStoppingRule):
+    pass
+
+
 _DOMAINS: dict[str, Callable[..., Any]] = {
     "uniform": tune.uniform, "loguniform": tune.loguniform, "quniform": tune.quniform,
     "qloguniform": tune.qloguniform, "randint": tune.randint, "lograndint": tune.lograndint, "normal": tune.randn,
@@ -419,8 +541,14 @@ def _clip_mutations(mutations: dict[str, Any]) -> Callable[[dict[str, Any]], dic
     return explore
 
 
-def make_scheduler(sched: SchedulerSpec) -> TrialScheduler:
-    """One report per epoch, so ``epoch`` is the time attribute of every scheduler."""
+def make_scheduler(sched: SchedulerSpec, history: SchedulerHistory | None = None) -> TrialScheduler:
+    """One report per epoch, so ``epoch`` is the time attribute of every scheduler.
+
+    ``history``: an earlier run's results (``--resume``), which ASHA's rungs and median stopping's
+    per-trial history are rebuilt from (see :class:`_Rebuilt`); the other schedulers keep no state
+    across results that a resume could lose, except hyperband's brackets and PBT's population, which
+    start afresh (PBT's scores are re-read from the next results).
+    """
     if sched.name == "pbt":
         from cifar_tune.spec import parse_mutations
 
@@ -432,14 +560,18 @@ def make_scheduler(sched: SchedulerSpec) -> TrialScheduler:
             synch=sched.synch,
         )
     if sched.name == "asha":
-        return AsyncHyperBandScheduler(
+        asha = _ASHA(
             time_attr="epoch", max_t=sched.max_epochs, grace_period=sched.grace_period,
             reduction_factor=sched.reduction_factor, brackets=sched.brackets,
         )
+        asha._history = history
+        return asha
     if sched.name == "hyperband":
         return HyperBandScheduler(time_attr="epoch", max_t=sched.max_epochs, reduction_factor=sched.reduction_factor)
     if sched.name == "median":
-        return MedianStoppingRule(time_attr="epoch", grace_period=sched.grace_period, min_samples_required=3)
+        median = _Median(time_attr="epoch", grace_period=sched.grace_period, min_samples_required=3)
+        median._history = history
+        return median
     return FIFOScheduler()
 
 
@@ -482,6 +614,7 @@ def run_search(
     population: list[tuple[str, dict[str, Any]]] | None = None,
     experiment: str = "",
     callbacks: list[Any] | None = None,
+    scheduler_history: SchedulerHistory | None = None,
 ) -> None:
     """Run the trials to completion; every outcome arrives through ``events``.
 
@@ -507,7 +640,7 @@ def run_search(
         param_space=param_space,
         tune_config=tune.TuneConfig(
             search_alg=search_alg,
-            scheduler=make_scheduler(scheduler),
+            scheduler=make_scheduler(scheduler, scheduler_history),
             metric=metric,
             mode=mode,
             num_samples=num_trials,
@@ -547,13 +680,31 @@ class TrialFacts(Protocol):
     def summary(self, trial_id: str) -> dict[str, float]: ...
 
 
+def _epoch_step(result: dict[str, Any], last: dict[Any, int], key: Any) -> int:
+    """The step a tracker logs a result at: the trial's epoch. Ray's ``training_iteration`` counts
+    reports since the trial's actor started, so it restarts at 1 after ``--resume`` and jumps with a
+    PBT exploit. A report without an epoch (a failure's last words) stays at the last epoch seen."""
+    if result.get("epoch") is not None:
+        last[key] = int(result["epoch"])
+    return last.get(key, 0)
+
+
 def tensorboard_callback(facts: TrialFacts) -> Any:
     """Ray's TensorBoard logger, with HParams that carry every searched knob (Ray's drops list values
     and conditional names) and the summary metrics (best and last validation metric, epochs run), not
-    the last result. Runs are named by the trial directories: ``t0007-vgg-sgd``."""
+    the last result. Runs are named by the trial directories: ``t0007-vgg-sgd``; scalars are at
+    step = epoch."""
     from ray.tune.logger import TBXLoggerCallback
+    from ray.tune.result import TRAINING_ITERATION
 
     class _TensorBoard(TBXLoggerCallback):
+        _epochs: dict[Any, int]
+
+        def log_trial_result(self, iteration: int, trial: Any, result: dict[str, Any]) -> None:
+            # Ray's logger steps on training_iteration (and leaves it out of the scalars): give it the epoch
+            epochs = self.__dict__.setdefault("_epochs", {})
+            super().log_trial_result(iteration, trial, {**result, TRAINING_ITERATION: _epoch_step(result, epochs, trial)})
+
         def _try_log_hparams(self, trial: Any, result: dict[str, Any]) -> None:
             from tensorboardX.summary import hparams
 
@@ -570,31 +721,88 @@ def tensorboard_callback(facts: TrialFacts) -> Any:
     return _TensorBoard()
 
 
+def tracking_run_key(experiment_uri: str, trial_id: str) -> str:
+    """A trial's run across every driver run of its search (``--resume`` continues it): the trial id
+    and the experiment's storage location (two experiments of one name in two storages differ)."""
+    import hashlib
+
+    return f"{hashlib.sha1(experiment_uri.encode()).hexdigest()[:10]}-{trial_id}"
+
+
 def tracking_callbacks(
-    *, mlflow: dict[str, Any] | None, wandb: dict[str, Any] | None, facts: TrialFacts,
+    *, mlflow: dict[str, Any] | None, wandb: dict[str, Any] | None, facts: TrialFacts, experiment_uri: str = "",
 ) -> list[Any]:
     """Ray Tune's MLflow / W&B logger callbacks: one run per trial (named like the trial), its config
     flattened as parameters, every epoch's metrics at step = epoch, and our final status
     (completed / stopped / diverged / error / oom) as a tag (MLflow) or config value (W&B).
+
+    A trial keeps one run however often Tune restarts it (a PBT exploit, a hyperband pause, a retry)
+    and across ``--resume``: the run is found again by its key (:func:`tracking_run_key`). MLflow
+    parameters cannot change, so they stay the config the trial started with; a restart with another
+    config (PBT) sets ``config_now/...`` tags to the values in force. W&B's run config follows it.
 
     ``mlflow``: keyword arguments of ``MLflowLoggerCallback`` (tracking_uri, experiment_name);
     ``wandb``: of ``WandbLoggerCallback`` (project, group, mode, dir, entity).
     """
     status_of = facts.status
     out: list[Any] = []
+
+    def key_of(trial: Any) -> str:
+        return tracking_run_key(experiment_uri, trial.config["trial_id"])
+
     if mlflow:
+        from ray._private.dict import flatten_dict
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
         class _MLflow(MLflowLoggerCallback):
+            _epochs: dict[Any, int]
+
+            def _find_run(self, key: str) -> str | None:
+                runs = self.mlflow_util._get_client().search_runs(
+                    [self.mlflow_util.experiment_id], filter_string=f"tags.`cifar_tune.run_key` = '{key}'", max_results=1)
+                return runs[0].info.run_id if runs else None
+
+            def log_trial_start(self, trial: Any) -> None:
+                client = self.mlflow_util._get_client()
+                if trial not in self._trial_runs:
+                    run_id = self._find_run(key_of(trial))
+                    if run_id is None:
+                        tags = {**(self.tags or {}), "trial_name": str(trial), "cifar_tune.run_key": key_of(trial),
+                                "cifar_tune.trial_id": trial.config["trial_id"]}
+                        run_id = self.mlflow_util.start_run(tags=tags, run_name=str(trial)).info.run_id
+                    else:  # the same trial in a resumed search: its run goes on
+                        client.update_run(run_id, status="RUNNING")
+                    self._trial_runs[trial] = run_id
+                run_id = self._trial_runs[trial]
+                # Ray's callback logs the params at every (re)start; MLflow refuses a changed value
+                run = client.get_run(run_id).data
+                params = flatten_dict(trial.config, delimiter="/")
+                fresh = {k: v for k, v in params.items() if k not in run.params}
+                if fresh:
+                    self.mlflow_util.log_params(run_id=run_id, params_to_log=fresh)
+                for k, v in params.items():
+                    if k in run.params and (run.params[k] != str(v) or f"config_now/{k}" in run.tags):
+                        client.set_tag(run_id, f"config_now/{k}", str(v))
+
             def log_trial_result(self, iteration: int, trial: Any, result: dict[str, Any]) -> None:
-                super().log_trial_result(iteration, trial, _tracked_result(result))
+                epochs = self.__dict__.setdefault("_epochs", {})
+                step = _epoch_step(result, epochs, trial)
+                self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=_tracked_result(result), step=step)
 
             def log_trial_end(self, trial: Any, failed: bool = False) -> None:
                 run_id = self._trial_runs.get(trial)
                 status = status_of(trial.config["trial_id"])
                 if run_id and status:
                     self.mlflow_util._get_client().set_tag(run_id, "cifar_tune.status", status)
+                self.__dict__.setdefault("_ended", set()).add(trial)
                 super().log_trial_end(trial, failed=failed or status in ("diverged", "error", "oom"))
+
+            def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+                # trials an interrupted search leaves unfinished: KILLED until --resume continues their runs
+                ended = self.__dict__.setdefault("_ended", set())
+                for trial, run_id in self._trial_runs.items():
+                    if trial not in ended:
+                        self.mlflow_util.end_run(run_id=run_id, status="KILLED")
 
         out.append(_MLflow(**mlflow))
     if wandb:
@@ -602,13 +810,30 @@ def tracking_callbacks(
 
         class _FlushingActor(_WandbLoggingActor):
             def run(self) -> None:
+                real, last = self._wandb, {}
+
+                class _EpochSteps:  # the module, except that log() steps on the epoch (see _epoch_step)
+                    def __getattr__(self, name: str) -> Any:
+                        return getattr(real, name)
+
+                    def log(self, data: dict[str, Any], step: int | None = None, **kw: Any) -> Any:
+                        return real.log(data, step=_epoch_step(data, last, None), **kw)
+
+                self._wandb = _EpochSteps()
                 super().run()
                 # W&B's service writes the run file after finish() returns; the callback kills this actor
                 # right away, which could leave an offline run empty. teardown() waits for the write.
-                self._wandb.teardown()
+                real.teardown()
 
         class _Wandb(WandbLoggerCallback):
             _logger_actor_cls = _FlushingActor
+
+            def _start_logging_actor(self, trial: Any, exclude_results: list[str], **init: Any) -> None:
+                if trial in self._trial_logging_futures:  # a restart (PBT: maybe another config)
+                    self._trial_queues[trial].put((_QueueItem.RESULT, {"config": {"config": trial.config["config"]}}))
+                    return
+                # one run per trial across --resume: W&B continues a run given its id again
+                super()._start_logging_actor(trial, exclude_results, **{**init, "id": key_of(trial), "resume": "allow"})
 
             def log_trial_result(self, iteration: int, trial: Any, result: dict[str, Any]) -> None:
                 super().log_trial_result(iteration, trial, _tracked_result(result))
@@ -617,7 +842,18 @@ def tracking_callbacks(
                 status = status_of(trial.config["trial_id"])
                 if status and trial in self._trial_queues:  # a config value: W&B's table shows it per run
                     self._trial_queues[trial].put((_QueueItem.RESULT, {"config": {"status": status}}))
+                self.__dict__.setdefault("_ended", set()).add(trial)
                 super().log_trial_end(trial, failed=failed)
+
+            def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+                # an interrupted search ends with trials that never ended: their logging actors would wait
+                # for more results, and Ray's callback for them, up to its 30-minute upload timeout
+                ended = self.__dict__.setdefault("_ended", set())
+                for trial in list(self._trial_queues):
+                    if trial not in ended:
+                        self._signal_logging_actor_stop(trial)
+                        ended.add(trial)
+                super().on_experiment_end(trials, **info)
 
         out.append(_Wandb(**wandb))
     return out
