@@ -133,9 +133,9 @@ class OptunaSource:
         status = (result or {}).get("status")
         if error or status in ("diverged", "oom") or not values:
             self.study.tell(ot, state=states.FAIL)
-        elif len(self.log.trial_epochs(trial_id)) >= self.spec.search.scheduler.max_epochs:
-            pick = max if self.spec.search.resolved_mode == "max" else min
-            self.study.tell(ot, pick(v for _, v in values))
+        elif (row := self.log.rows[trial_id]).get("epochs_run", 0) >= self.spec.search.scheduler.max_epochs:
+            # (Ray tells the searcher before the callbacks: the row's status is not final yet, its summary is)
+            self.study.tell(ot, float(row[f"best_{metric}"]))
         else:
             self.study.tell(ot, state=states.PRUNED)
 
@@ -439,6 +439,7 @@ def run_search(
     data_mod.prepare(spec.data)  # download once, in the driver, before anything is written or started
     data_mod.check_split(spec.data)  # a subset larger than the data set fails here, not in every trial
     log, todo, next_index = _plan(spec, exp, resume, out)
+    log.trim_at_end = spec.search.scheduler.name == "pbt"  # exploits may still copy a finished trial's checkpoints
     total = num_trials(spec)
     record_run(exp, spec, resume)
     log.flush(force=True)
@@ -502,6 +503,7 @@ def run_search(
         for r in log.rows.values():
             if r["status"] == "running":  # stopped by Ctrl-C: rerun on --resume
                 r["status"] = "interrupted"
+        log.trim_checkpoints()
         log.flush(force=True)
         if mirror is not None:
             mirror.close()
