@@ -405,6 +405,20 @@ def concurrent_slots(cpus: float, gpus: float, resources: dict[str, float]) -> i
     return max(1, slots)
 
 
+def tune_concurrency(spec: Spec, slots: int) -> int | None:
+    """Ray Tune's ``max_concurrent_trials``. A paused trial holds one of its slots, so schedulers that
+    pause trials get no limit but the resources (validation refuses hyperband with ``max_concurrent``,
+    and synchronous pbt with fewer than its population); PBT's population is created up front, so it
+    gets the user's limit only. The others get the user's limit or what fits in the cluster: the
+    search algorithm then suggests a trial only when one can start (Optuna learns from more results)."""
+    sched = spec.search.scheduler
+    if sched.name == "hyperband":
+        return None
+    if sched.name == "pbt":
+        return spec.search.max_concurrent
+    return spec.search.max_concurrent or slots
+
+
 def record_run(exp: Experiment, spec: Spec, resume: bool) -> None:
     """``spec.yaml``: the spec as now run, ``meta`` of the first run, and one ``resumes`` entry per
     ``--resume`` (its time, versions, code revision, and num_samples/max_concurrent, which may change)."""
@@ -484,10 +498,8 @@ def run_search(
             tuner.run_search(
                 setup=setup, source=source, events=events, scheduler=spec.search.scheduler,
                 metric=spec.search.metric, mode=spec.search.resolved_mode, resources=resources,
-                # a trial paused by hyperband (or synch pbt) counts against Tune's concurrency limit, so
-                # without one set by the user the resources alone limit them (else brackets never halve)
                 num_trials=remaining, max_failures=spec.search.max_failures,
-                max_concurrent=None if spec.search.scheduler.name in ("hyperband", "pbt") and not spec.search.max_concurrent else max_concurrent,
+                max_concurrent=tune_concurrency(spec, slots),
                 storage_path=exp.uri("ray"), run_name=run_name,
                 trial_names=lambda c: trial_label(c["trial_id"], c["config"]),
                 # loaded once here and shared zero-copy: workers skip reading/generating it

@@ -386,7 +386,13 @@ class _HyperBand(_EndingReports, HyperBandScheduler):
 
 
 class _Median(_EndingReports, MedianStoppingRule):
-    pass
+    """Ray's median stopping rule without its pauses: with fewer than ``min_samples_required`` trials to
+    compare, Ray pauses a trial to let pending ones run; a paused trial holds a ``max_concurrent`` slot
+    and resumes from its last checkpoint (epochs since then trained again, or all of them without
+    checkpoints). Here it simply goes on: the rule only ever stops trials."""
+
+    def _on_insufficient_samples(self, tune_controller: Any, trial: Any, time: float) -> str:
+        return TrialScheduler.CONTINUE
 
 
 class _FIFO(_EndingReports, FIFOScheduler):
