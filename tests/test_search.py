@@ -333,6 +333,50 @@ def test_pbt_scheduler_keeps_the_trial_id_and_clips_to_the_ranges() -> None:
     assert seen_lr == {round(0.29 * 0.8, 6), 0.3}  # x0.8, or x1.2 clipped to the top of the range
 
 
+def test_pbt_never_exploits_at_the_last_epoch() -> None:
+    """No Ray instance: a trial in the bottom quantile reports its last epoch while a better trial has a
+    checkpoint to copy. Ray's PBT would exploit it (pause it, swap in the donor's checkpoint and config,
+    then train nothing under them); ours lets it complete with its own last epoch and touches nothing.
+    One epoch earlier the same trial is exploited."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers.pbt import _PBTTrialState
+
+    from cifar_tune.spec import SchedulerSpec
+    from cifar_tune.tuner import make_scheduler
+
+    pbt = make_scheduler(SchedulerSpec(name="pbt", max_epochs=4, perturbation_interval=1, resample_probability=0.0,
+                                       mutations={"optimizer": {"lr": {"loguniform": [1e-3, 0.3]}}}))
+    pbt.set_search_properties("val_acc", "max")
+
+    class Trial(SimpleNamespace):
+        __hash__ = object.__hash__  # PBT keys its state by trial
+
+        def is_finished(self) -> bool:
+            return False
+
+    def trial(tid: str) -> Trial:
+        return Trial(config={"trial_id": tid, "config": {"optimizer": {"name": "sgd", "lr": 0.01}}},
+                     experiment_tag=tid, status="RUNNING", trial_id=tid)
+
+    weak, strong = trial("t0000"), trial("t0001")
+    for t, score in ((weak, 0.1), (strong, 0.9)):
+        pbt._trial_state[t] = _PBTTrialState(t)
+        pbt._trial_state[t].last_score, pbt._trial_state[t].last_train_time = score, 3
+    pbt._trial_state[strong].last_checkpoint = "the donor's checkpoint"
+    calls: list[str] = []
+
+    class Controller:
+        def __getattr__(self, name: str) -> Any:
+            calls.append(name)
+            raise AssertionError(f"PBT called tune_controller.{name}")
+
+    assert pbt.on_trial_result(Controller(), weak, {"epoch": 4, "val_acc": 0.1}) == "CONTINUE"
+    assert calls == [] and weak.config["config"]["optimizer"]["lr"] == 0.01
+    with pytest.raises(AssertionError, match="tune_controller"):  # epoch 3 of 4: an exploit is still worth it
+        pbt.on_trial_result(Controller(), weak, {"epoch": 3, "val_acc": 0.1})
+
+
 @pytest.mark.parametrize("cpus,gpus,cpu,gpu,expected", [
     (1, 0, 0.1, 0, 10),  # 1 // 0.1 == 9.0 in floats
     (0.9, 0, 0.3, 0, 3),  # 0.9 // 0.3 == 2.0
