@@ -139,7 +139,7 @@ def fake_cifar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Call
 
 
 def assert_summaries_derived(trials: pd.DataFrame, epochs: pd.DataFrame) -> None:
-    """The invariant of issue 10: every per-trial summary is a function of that trial's epoch rows."""
+    """Every per-trial summary is a function of that trial's epoch rows (results.summarise_epochs)."""
     assert epochs.epoch.notna().all(), "an epoch row without an epoch"
     for row in trials.itertuples():
         ep = epochs[epochs.trial_id == row.trial_id].sort_values("epoch")
@@ -156,7 +156,7 @@ def assert_summaries_derived(trials: pd.DataFrame, epochs: pd.DataFrame) -> None
         assert row.epoch_time_s == pytest.approx(ep.epoch_time_s.astype(float).sum()), row.trial_id
         if len(ep):
             # an attempt that continued from a checkpoint keeps the earlier attempt's rows up to it
-            # (issue 11): attempts never go back along the epochs, and none is newer than the trial's
+            # attempts never go back along the epochs, and none is newer than the trial's
             assert ep.attempt.is_monotonic_increasing and ep.attempt.max() <= row.attempts, f"{row.trial_id}: {list(ep.attempt)}"
         # best_* come from the epochs trained since the last exploit (the model and config the trial ends with)
         since = ep[ep.epoch >= ep.epoch[restored].max()] if restored.any() else ep
