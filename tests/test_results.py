@@ -275,3 +275,15 @@ def test_every_checkpoint_is_on_disk_in_trials_parquet_at_once(tmp_path: Path) -
         trials, epochs = _frames_of(tmp_path)
         assert trials.checkpoint_epoch.iloc[0] == e and trials.checkpoint.iloc[0].endswith(f"checkpoint_{e - 1:06d}")
         assert epochs.epoch.max() == e
+
+
+def test_a_trial_without_epoch_rows_satisfies_the_invariant(tmp_path: Path) -> None:
+    """Out of memory in its first epoch: no rows, epochs_run 0, no best."""
+    log = _log(tmp_path)
+    log.add_pending("t0000", 0, {"model": {"family": "mlp"}}, 1)
+    log.trial_started("t0000", {})
+    log.trial_result("t0000", {"trial_id": "t0000", "status": "oom", "error": "out of memory"})
+    log.trial_finished("t0000", {"status": "oom"})
+    trials, epochs = _frames_of(tmp_path)
+    assert (trials.status.iloc[0], trials.epochs_run.iloc[0]) == ("oom", 0)
+    assert_summaries_derived(trials, epochs)
