@@ -432,8 +432,9 @@ class _PBT(_EndingReports, PopulationBasedTraining):
         self._leave(tune_controller, trial)
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> None:
-        super().on_trial_complete(tune_controller, trial, result)
-        self._leave(tune_controller, trial)
+        super().on_trial_complete(tune_controller, trial, result)  # (an ending report: on_trial_remove left)
+        if not _ends_trial(result):
+            self._leave(tune_controller, trial)
 
     def _leave(self, tune_controller: Any, trial: Any) -> None:
         from ray.tune.experiment import Trial
