@@ -460,6 +460,29 @@ class TrialLog:
         if latest and not self.trim_at_end:
             self._delete_checkpoints(trial_id, keep=latest)
 
+    def check_checkpoint(self, trial_id: str) -> None:
+        """Before ``--resume`` continues an unfinished trial: the checkpoint trials.parquet names must be on
+        disk (a trials.parquet written before checkpoints were recorded at once may name one Tune has
+        deleted since). If it is not, the trial continues from its newest checkpoint that is on disk and
+        whose epoch row is recorded; with none, it starts over."""
+        from cifar_tune.trial import CHECKPOINT_FILE
+
+        row = self.rows[trial_id]
+        if not row.get("checkpoint") or self.exp.has(f"{row['checkpoint']}/{CHECKPOINT_FILE}"):
+            return
+        recorded = {int(e["epoch"]) for e in self._epochs.get(trial_id, [])}
+        found: list[tuple[int, str]] = []
+        for run in self.exp.list_dirs("ray"):
+            for trial_dir in self.exp.list_dirs(f"ray/{run}"):
+                if trial_dir.startswith(f"{trial_id}-"):
+                    for name in self.exp.list_dirs(f"ray/{run}/{trial_dir}"):
+                        rel = f"ray/{run}/{trial_dir}/{name}"
+                        if name.startswith("checkpoint_") and self.exp.has(f"{rel}/{CHECKPOINT_FILE}"):
+                            found.append((_checkpoint_epoch(self.exp.read_bytes(f"{rel}/{CHECKPOINT_FILE}")), rel))
+        usable = [(e, rel) for e, rel in found if e in recorded]
+        epoch, rel = max(usable, default=(0, None))
+        row.update(checkpoint=rel, checkpoint_epoch=epoch if rel else None)
+
     def trim_checkpoints(self) -> None:
         """At the end of the search (``trim_at_end``): every finished trial keeps its latest checkpoint only."""
         self.trim_at_end = False
@@ -524,6 +547,13 @@ class TrialLog:
         self._last_flush = now
         self.exp.write_table("epochs.parquet", self.epochs_frame())
         self.exp.write_table("trials.parquet", self.trials_frame())
+
+
+def _checkpoint_epoch(blob: bytes) -> int:
+    """The epoch a trial checkpoint was saved after (tensors and plain Python only: no code unpickled)."""
+    import torch
+
+    return int(torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)["epochs"])
 
 
 def _num(v: Any) -> float | None:

@@ -364,6 +364,9 @@ def _plan(spec: Spec, exp: Experiment, resume: bool, out: Printer) -> tuple[Tria
         trials = exp.read_table("trials.parquet") if exp.has("trials.parquet") else None
         epochs = exp.read_table("epochs.parquet") if exp.has("epochs.parquet") else None
         log = TrialLog(exp, trials=trials, epochs=epochs, **kw)
+        for tid, r in log.rows.items():
+            if r["status"] not in FINISHED:
+                log.check_checkpoint(tid)  # it continues from a checkpoint that is on disk
         # an unfinished trial continues from its last checkpoint: keep its epochs up to it, forget the rest
         def kept(e: dict[str, Any]) -> bool:
             r = log.rows[e["trial_id"]]

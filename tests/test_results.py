@@ -287,3 +287,32 @@ def test_a_trial_without_epoch_rows_satisfies_the_invariant(tmp_path: Path) -> N
     trials, epochs = _frames_of(tmp_path)
     assert (trials.status.iloc[0], trials.epochs_run.iloc[0]) == ("oom", 0)
     assert_summaries_derived(trials, epochs)
+
+
+def test_resume_continues_from_a_checkpoint_that_is_on_disk(tmp_path: Path) -> None:
+    """trials.parquet names checkpoint_000004 (epoch 5), which Tune has deleted; 000002 (epoch 3) and
+    000003 (epoch 4) are on disk, but only epochs 1-3 have rows: the trial continues from epoch 3."""
+    import io
+
+    import torch
+
+    log = _log(tmp_path, max_epochs=8)
+    log.add_pending("t0000", 0, {"model": {"family": "mlp"}}, 1)
+    log.trial_started("t0000", {})
+    for e in (1, 2, 3):
+        log.trial_result("t0000", _epoch(e, 0.1 * e))
+    trial_dir = "ray/search-1/t0000-mlp-sgd"
+    for index, epoch in ((2, 3), (3, 4)):
+        buf = io.BytesIO()
+        torch.save({"epochs": epoch}, buf)
+        log.exp.write_bytes(f"{trial_dir}/checkpoint_{index:06d}/trial.pt", buf.getvalue())
+    log.rows["t0000"].update(checkpoint=f"{trial_dir}/checkpoint_000004", checkpoint_epoch=5)
+    log.check_checkpoint("t0000")
+    assert (log.rows["t0000"]["checkpoint"], log.rows["t0000"]["checkpoint_epoch"]) == (f"{trial_dir}/checkpoint_000002", 3)
+    log.rows["t0000"].update(checkpoint=f"{trial_dir}/checkpoint_000002", checkpoint_epoch=3)
+    log.check_checkpoint("t0000")  # on disk: kept as it is
+    assert log.rows["t0000"]["checkpoint"] == f"{trial_dir}/checkpoint_000002"
+    log.exp.delete_dir(f"{trial_dir}/checkpoint_000002")
+    log.exp.delete_dir(f"{trial_dir}/checkpoint_000003")
+    log.check_checkpoint("t0000")  # none left: it starts over
+    assert log.rows["t0000"]["checkpoint"] is None and log.rows["t0000"]["checkpoint_epoch"] is None
