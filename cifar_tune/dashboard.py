@@ -88,6 +88,7 @@ class OptunaMirror:
         self.study.set_user_attr("scheduler", scheduler)
         self.study_id = self.study._study_id
         self.numbers: dict[str, int] = {}  # our trial id -> the storage's trial id of its latest attempt
+        self.configs: dict[str, dict[str, Any]] = {}  # our trial id -> the config its parameters show
         for t in self.study.get_trials(deepcopy=False):
             tid = t.user_attrs.get("trial_id")
             if t.state == optuna.trial.TrialState.RUNNING:  # a driver that died: this attempt is over
@@ -105,9 +106,7 @@ class OptunaMirror:
             self._end(old, "FAIL", None, {"status": "retried"})
         sid = self.storage.create_new_trial(self.study_id)
         self.numbers[trial_id] = sid
-        for p in searched_params(self.space, config):
-            dist = p.distribution()
-            self.storage.set_trial_param(sid, p.name, dist.to_internal_repr(p.value), dist)
+        self._set_params(sid, trial_id, config)
         row = self.log.rows.get(trial_id, {})
         attrs = {"trial_id": trial_id, "name": trial_label(trial_id, config), "params": row.get("params"),
                  "max_epochs": self.log.max_epochs, "attempt": row.get("attempts"), "config": json.dumps(config)}
@@ -118,13 +117,18 @@ class OptunaMirror:
                 self.trial_result(trial_id, e)
 
     def trial_result(self, trial_id: str, metrics: dict[str, Any]) -> None:
+        """What the log (the sink before this one) made of the result: the same epoch, the same config."""
         sid = self.numbers.get(trial_id)
         if sid is None:
             return
         value, epoch = metrics.get(self.log.metric), metrics.get("epoch")
         if epoch is not None and isinstance(value, int | float) and math.isfinite(value):
             self.storage.set_trial_intermediate_value(sid, int(epoch), float(value))
-        self.storage.set_trial_user_attr(sid, "epochs_run", int(epoch or 0))
+        row = self.log.rows.get(trial_id, {})
+        self.storage.set_trial_user_attr(sid, "epochs_run", int(row.get("epochs_run") or 0))
+        if row.get("config") and json.loads(row["config"]) != self.configs.get(trial_id):  # a PBT exploit changed it
+            self._set_params(sid, trial_id, json.loads(row["config"]))
+            self.storage.set_trial_user_attr(sid, "config", row["config"])
         for k in ("node_id", "images_per_s", "device", "gpu_mem_peak_mb"):
             if metrics.get(k) is not None:
                 self.storage.set_trial_user_attr(sid, k, metrics[k])
@@ -148,6 +152,14 @@ class OptunaMirror:
                 self._end(sid, "FAIL", None, {"status": self.log.rows.get(tid, {}).get("status", "interrupted")})
 
     # -- helpers --------------------------------------------------------------------------------
+    def _set_params(self, sid: int, trial_id: str, config: dict[str, Any]) -> None:
+        """The searched parameters of the config in force (Optuna keeps a parameter once set: one a
+        later config lacks stays at its last value; the ``config`` user attr is the whole config)."""
+        self.configs[trial_id] = config
+        for p in searched_params(self.space, config):
+            dist = p.distribution()
+            self.storage.set_trial_param(sid, p.name, dist.to_internal_repr(p.value), dist)
+
     def _finish(self, trial_id: str) -> None:
         sid = self.numbers.get(trial_id)
         row = self.log.rows.get(trial_id)

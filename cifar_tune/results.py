@@ -284,13 +284,19 @@ SUMMARY_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_top5")
 def summarise_epochs(rows: list[Mapping[str, Any]], metric: str, mode: str) -> dict[str, Any]:
     """A trial's summary columns, derived only from the epoch rows of the attempt that counts.
 
-    ``best_*`` are the validation metrics at the first epoch with the best ``metric``; ``last_*``
-    those of the last row; times are sums over the rows. Nothing carries over from anything else,
-    so ``trials.parquet`` can always be recomputed from ``epochs.parquet``.
+    ``epochs_run`` is the epoch the trial's model reached (its last row's epoch). The rows are the
+    epochs this trial trained: after a PBT exploit it continues from the donor's checkpoint at the
+    donor's epoch, so its rows may jump (1, 2, 5, 6: it copied an epoch-4 checkpoint); the row after a
+    jump names the donor in ``restored_from``, and the donor's earlier epochs stay the donor's rows.
+    ``best_*`` are the validation metrics at the first epoch with the best ``metric`` among the
+    epochs trained since the trial's last exploit (the model and config it ends with: an epoch
+    trained before an exploit belonged to another model under another config); ``last_*`` those of
+    the last row; times are sums over the rows (what this trial spent). Nothing carries over from
+    anything else, so ``trials.parquet`` can always be recomputed from ``epochs.parquet``.
     """
     rows = sorted(rows, key=lambda r: r["epoch"])
     out: dict[str, Any] = {
-        "epochs_run": len(rows),
+        "epochs_run": int(rows[-1]["epoch"]) if rows else 0,
         "best_epoch": None,
         **{f"best_{k}": None for k in ("val_acc", "val_loss", "val_top5")},
         **{f"last_{k}": None for k in SUMMARY_METRICS},
@@ -304,7 +310,7 @@ def summarise_epochs(rows: list[Mapping[str, Any]], metric: str, mode: str) -> d
     out["node_id"] = last.get("node_id")
     sign = 1.0 if mode == "max" else -1.0
     best: Mapping[str, Any] | None = None
-    for r in rows:  # strict improvement: ties go to the earlier epoch
+    for r in since_last_exploit(rows):  # strict improvement: ties go to the earlier epoch
         v = _num(r.get(metric))
         if v is not None and math.isfinite(v) and (best is None or sign * v > sign * best[metric]):
             best = r
@@ -312,6 +318,13 @@ def summarise_epochs(rows: list[Mapping[str, Any]], metric: str, mode: str) -> d
         out["best_epoch"] = int(best["epoch"])
         out.update({f"best_{k}": _num(best.get(k)) for k in ("val_acc", "val_loss", "val_top5")})
     return out
+
+
+def since_last_exploit(rows: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The epoch rows (sorted by epoch) trained under the trial's final model lineage and config: from
+    its last row that continued from another trial's checkpoint (a PBT exploit) on; all rows if none."""
+    start = max((i for i, r in enumerate(rows) if r.get("restored_from")), default=0)
+    return rows[start:]
 
 
 class TrialLog:
@@ -332,6 +345,9 @@ class TrialLog:
     ) -> None:
         self.exp, self.metric, self.mode, self.max_epochs = exp, metric, mode, max_epochs
         self.flush_every_s = flush_every_s
+        # PBT: a trial may still continue from a finished trial's earlier checkpoint (it was told to copy
+        # it before the donor finished), so finished trials keep theirs until the search ends
+        self.trim_at_end = False
         self.rows: dict[str, dict[str, Any]] = {}
         self._epochs: dict[str, list[dict[str, Any]]] = {}
         self._last_flush = 0.0
@@ -395,8 +411,12 @@ class TrialLog:
         if metrics.get("config_json"):  # continued from a checkpoint: did PBT change the config in force?
             before, now = flatten(json.loads(row["config"]), ""), flatten(json.loads(metrics["config_json"]), "")
             changes = {k.lstrip("."): v for k, v in now.items() if k not in before or before[k] != v}
+            # a key the new config lacks (a VGG config copied into a LeNet one: no model.blocks) maps to null
+            changes.update({k.lstrip("."): None for k in before if k not in now})
             if changes:  # the epoch row says what changed; the trial row keeps the config in force
                 epoch_row["config_changes"] = json.dumps(changes, sort_keys=True)
+                for key in [k for k in row if k.startswith("config.")]:  # no column of a key that is gone
+                    del row[key]
                 row.update(config=metrics["config_json"], **flatten(json.loads(metrics["config_json"])))
         # an epoch reported again (a restored attempt) replaces the earlier attempt's row and those after it
         rows = [e for e in self._epochs.get(trial_id, []) if e["epoch"] < epoch_row["epoch"]]
@@ -418,7 +438,9 @@ class TrialLog:
         row.update(checkpoint=rel, checkpoint_epoch=epoch)
         if previous and previous.rsplit("/", 1)[0] != rel.rsplit("/", 1)[0]:
             self._delete_checkpoints(trial_id, keep=rel, runs_other_than=rel.split("/")[1])  # Tune trims its own run's only
-        self.flush()
+        # at once, not throttled: Tune deletes the older checkpoints as new ones come, so a driver killed
+        # later must find on disk the checkpoint trials.parquet names (and the epoch rows up to it)
+        self.flush(force=True)
 
     def _delete_checkpoints(self, trial_id: str, keep: str, runs_other_than: str | None = None) -> None:
         """Delete this trial's checkpoints in ``ray/<run>/<trial_id>-*/`` but ``keep``."""
@@ -435,8 +457,38 @@ class TrialLog:
     def _keep_last_checkpoint(self, trial_id: str) -> None:
         """A finished trial keeps one checkpoint, its latest (``cifar-tune evaluate`` reads it)."""
         latest = self.rows[trial_id].get("checkpoint")
-        if latest:
+        if latest and not self.trim_at_end:
             self._delete_checkpoints(trial_id, keep=latest)
+
+    def check_checkpoint(self, trial_id: str) -> None:
+        """Before ``--resume`` continues an unfinished trial: the checkpoint trials.parquet names must be on
+        disk (a trials.parquet written before checkpoints were recorded at once may name one Tune has
+        deleted since). If it is not, the trial continues from its newest checkpoint that is on disk and
+        whose epoch row is recorded; with none, it starts over."""
+        from cifar_tune.trial import CHECKPOINT_FILE
+
+        row = self.rows[trial_id]
+        if not row.get("checkpoint") or self.exp.has(f"{row['checkpoint']}/{CHECKPOINT_FILE}"):
+            return
+        recorded = {int(e["epoch"]) for e in self._epochs.get(trial_id, [])}
+        found: list[tuple[int, str]] = []
+        for run in self.exp.list_dirs("ray"):
+            for trial_dir in self.exp.list_dirs(f"ray/{run}"):
+                if trial_dir.startswith(f"{trial_id}-"):
+                    for name in self.exp.list_dirs(f"ray/{run}/{trial_dir}"):
+                        rel = f"ray/{run}/{trial_dir}/{name}"
+                        if name.startswith("checkpoint_") and self.exp.has(f"{rel}/{CHECKPOINT_FILE}"):
+                            found.append((_checkpoint_epoch(self.exp.read_bytes(f"{rel}/{CHECKPOINT_FILE}")), rel))
+        usable = [(e, rel) for e, rel in found if e in recorded]
+        epoch, rel = max(usable, default=(0, None))
+        row.update(checkpoint=rel, checkpoint_epoch=epoch if rel else None)
+
+    def trim_checkpoints(self) -> None:
+        """At the end of the search (``trim_at_end``): every finished trial keeps its latest checkpoint only."""
+        self.trim_at_end = False
+        for tid, row in self.rows.items():
+            if row["status"] in FINISHED:
+                self._keep_last_checkpoint(tid)
 
     def trial_finished(self, trial_id: str, last: dict[str, Any]) -> None:
         row = self.rows[trial_id]
@@ -497,6 +549,13 @@ class TrialLog:
         self._last_flush = now
         self.exp.write_table("epochs.parquet", self.epochs_frame())
         self.exp.write_table("trials.parquet", self.trials_frame())
+
+
+def _checkpoint_epoch(blob: bytes) -> int:
+    """The epoch a trial checkpoint was saved after (tensors and plain Python only: no code unpickled)."""
+    import torch
+
+    return int(torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)["epochs"])
 
 
 def _num(v: Any) -> float | None:

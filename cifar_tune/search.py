@@ -132,9 +132,12 @@ class OptunaSource:
         status = (result or {}).get("status")
         if error or status in ("diverged", "oom", "error") or not steps:
             return states.FAIL, None, steps
-        if len(self.log.trial_epochs(trial_id)) >= self.spec.search.scheduler.max_epochs:
-            pick = max if self.spec.search.resolved_mode == "max" else min
-            return states.COMPLETE, pick(steps.values()), steps
+        # the epoch reached (an async PBT trial that copied a faster one has fewer rows than that) and
+        # the best since its last exploit: the summary retrain ranks by (Ray tells the searcher before
+        # the callbacks, so the row's status is not final yet; its summary is)
+        row = self.log.rows[trial_id]
+        if (row.get("epochs_run") or 0) >= self.spec.search.scheduler.max_epochs and row.get(f"best_{metric}") is not None:
+            return states.COMPLETE, float(row[f"best_{metric}"]), steps
         return states.PRUNED, None, steps
 
     def _tell_recorded(self, trial_id: str, result: dict[str, Any] | None, error: bool) -> None:
@@ -465,6 +468,9 @@ def _plan(spec: Spec, exp: Experiment, resume: bool, out: Printer) -> tuple[Tria
         trials = exp.read_table("trials.parquet") if exp.has("trials.parquet") else None
         epochs = exp.read_table("epochs.parquet") if exp.has("epochs.parquet") else None
         log = TrialLog(exp, trials=trials, epochs=epochs, **kw)
+        for tid, r in log.rows.items():
+            if r["status"] not in FINISHED:
+                log.check_checkpoint(tid)  # it continues from a checkpoint that is on disk
         # an unfinished trial continues from its last checkpoint: keep its epochs up to it, forget the rest
         def kept(e: dict[str, Any]) -> bool:
             r = log.rows[e["trial_id"]]
@@ -520,6 +526,20 @@ def concurrent_slots(cpus: float, gpus: float, resources: dict[str, float]) -> i
     return max(1, slots)
 
 
+def tune_concurrency(spec: Spec, slots: int) -> int | None:
+    """Ray Tune's ``max_concurrent_trials``. A paused trial holds one of its slots, so schedulers that
+    pause trials get no limit but the resources (validation refuses hyperband with ``max_concurrent``,
+    and synchronous pbt with fewer than its population); PBT's population is created up front, so it
+    gets the user's limit only. The others get the user's limit or what fits in the cluster: the
+    search algorithm then suggests a trial only when one can start (Optuna learns from more results)."""
+    sched = spec.search.scheduler
+    if sched.name == "hyperband":
+        return None
+    if sched.name == "pbt":
+        return spec.search.max_concurrent
+    return spec.search.max_concurrent or slots
+
+
 def record_run(exp: Experiment, spec: Spec, resume: bool) -> None:
     """``spec.yaml``: the spec as now run, ``meta`` of the first run, and one ``resumes`` entry per
     ``--resume`` (its time, versions, code revision, and num_samples/max_concurrent, which may change)."""
@@ -561,6 +581,7 @@ def run_search(
     data_mod.prepare(spec.data)
     data_mod.check_split(spec.data)  # a subset larger than the data set fails here, not in every trial
     log, todo, next_index = _plan(spec, exp, resume, out)
+    log.trim_at_end = spec.search.scheduler.name == "pbt"  # exploits may still copy a finished trial's checkpoints
     total = num_trials(spec)
     record_run(exp, spec, resume)
     log.flush(force=True)
@@ -606,10 +627,8 @@ def run_search(
             tuner.run_search(
                 setup=setup, source=source, events=events, scheduler=spec.search.scheduler,
                 metric=spec.search.metric, mode=spec.search.resolved_mode, resources=resources,
-                # a trial paused by hyperband (or synch pbt) counts against Tune's concurrency limit, so
-                # without one set by the user the resources alone limit them (else brackets never halve)
                 num_trials=remaining, max_failures=spec.search.max_failures,
-                max_concurrent=None if spec.search.scheduler.name in ("hyperband", "pbt") and not spec.search.max_concurrent else max_concurrent,
+                max_concurrent=tune_concurrency(spec, slots),
                 storage_path=exp.uri("ray"), run_name=run_name,
                 trial_names=lambda c: trial_label(c["trial_id"], c["config"]),
                 # loaded once here and shared zero-copy: workers skip reading/generating it
@@ -626,6 +645,7 @@ def run_search(
         for r in log.rows.values():
             if r["status"] == "running":  # stopped by Ctrl-C: rerun on --resume
                 r["status"] = "interrupted"
+        log.trim_checkpoints()
         log.flush(force=True)
         if mirror is not None:
             mirror.close()

@@ -648,6 +648,8 @@ def parse_spec(raw: Any, source: str = "<spec>", *, check_budget: bool = True) -
         check_space(space, info, search.algorithm, search.seed, errors)
     if not errors and sched.mutations:
         check_mutations(sched.mutations, space, info, errors)
+    if not errors:
+        _check_concurrency(search, space, errors)
     merged = {**SPACE_DEFAULTS, **space}
     full_space = {k: merged[k] for k in SPACE_KEYS if k in merged}  # always in the documented order
     spec = Spec(
@@ -673,6 +675,25 @@ def _check_checkpointing(search: SearchSpec, errors: ErrorList) -> None:
             errors.add("search.scheduler.mutations", "pbt needs the keys it may change, e.g. {optimizer: {lr: {loguniform: [1e-4, 0.1]}}}")
     elif sched.mutations:
         errors.add("search.scheduler.mutations", f"only used by scheduler 'pbt', not '{sched.name}'")
+
+
+def _check_concurrency(search: SearchSpec, space: dict[str, Any], errors: ErrorList) -> None:
+    """Ray Tune counts a paused trial against ``max_concurrent_trials``: schedulers that pause trials
+    until others catch up would wait for trials that can never start."""
+    sched, limit = search.scheduler, search.max_concurrent
+    if limit is None:
+        return
+    if sched.name == "hyperband":
+        errors.add("search.max_concurrent", "hyperband pauses each trial at a milestone until the rest of its bracket gets there, "
+                   "and a paused trial keeps its slot, so the brackets would never halve: leave it unset (the resources "
+                   "per trial then set how many run at once)")
+    elif sched.name == "pbt" and sched.synch:
+        from cifar_tune.space import Sampler
+
+        population = search.num_samples * Sampler(space, seed=0, enumerate_choices=search.algorithm == "grid").grid_size
+        if limit < population:
+            errors.add("search.max_concurrent", f"synchronous pbt pauses every trial at each interval until all {population} "
+                       f"have reached it, and a paused trial keeps its slot: must be at least {population} (or unset), got {limit}")
 
 
 # Which keys PBT may change in a running trial: not the model (the weights would not fit), no

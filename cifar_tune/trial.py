@@ -73,8 +73,17 @@ def _inject_fault(trial_id: str, epoch: int) -> None:
     60 s after training epoch 3, before reporting it (exit and hang fire once: a marker in
     ``$CIFAR_TUNE_FAULT_DIR`` lets the retry or resumed run go on). The tests use it to prove failures
     are recorded and retried and to kill a driver mid-trial; it does nothing unless the variable is set.
+    ``CIFAR_TUNE_FAULTS=@/path/faults.txt`` reads the same list from that file at every epoch, so tests that
+    share one Ray instance (whose workers keep the environment they started with) can change it per search.
     """
-    for item in filter(None, os.environ.get(FAULTS_ENV, "").split(",")):
+    spec = os.environ.get(FAULTS_ENV, "")
+    if spec.startswith("@"):
+        try:
+            with open(spec[1:]) as f:
+                spec = f.read().strip()
+        except FileNotFoundError:
+            spec = ""
+    for item in filter(None, spec.split(",")):
         tid, _, what = item.partition("=")
         kind, _, at = what.partition("@")
         if tid == trial_id and epoch == int(at or 1):

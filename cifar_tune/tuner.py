@@ -409,8 +409,108 @@ class _EventsCallback(tune.Callback):
         self.events.tick()
 
 
-class _PBT(PopulationBasedTraining):
-    """Ray's PBT, except that a trial keeps its own id when it copies another trial's config."""
+# A trial that diverged or ran out of memory ends with a report no scheduler can rank: no validation
+# metric (and, out of memory, no epoch either: that epoch never finished).
+ENDING_STATUSES = ("diverged", "oom")
+
+
+def _ends_trial(result: dict[str, Any]) -> bool:
+    return result.get("status") in ENDING_STATUSES
+
+
+class _EndingReports:
+    """Mixed into every scheduler: a trial's ending report (diverged, out of memory) stops the trial
+    without reaching the scheduler, which then hears that the trial was removed.
+
+    Ray's schedulers read ``result[time_attr]`` and ``result[metric]`` from every result they get, in
+    ``on_trial_result`` and again in ``on_trial_complete`` (with the trial's last result): an ending report
+    raised ``KeyError: 'epoch'`` (hyperband, median, ASHA), "Cannot find metric" (PBT), or was paused at a
+    milestone it could never pass (hyperband's bracket then waited for it for good). ``on_trial_remove`` is
+    the path every scheduler already takes for a trial stopped from outside (hyperband halves without it,
+    ASHA forgets it, PBT no longer counts it in its population), so the trial leaves each one cleanly.
+    """
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        if _ends_trial(result):
+            return TrialScheduler.STOP
+        return super().on_trial_result(tune_controller, trial, result)  # type: ignore[misc]
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> None:
+        if _ends_trial(result):
+            self.on_trial_remove(tune_controller, trial)  # type: ignore[attr-defined]
+            return
+        super().on_trial_complete(tune_controller, trial, result)  # type: ignore[misc]
+
+
+class _HyperBand(_EndingReports, HyperBandScheduler):
+    pass
+
+
+class _FIFO(_EndingReports, FIFOScheduler):
+    pass
+
+
+class _PBT(_EndingReports, PopulationBasedTraining):
+    """Ray's PBT, except that a trial keeps its own id when it copies another trial's config, and that
+    nothing is copied at or after the last epoch.
+
+    An exploit at a trial's last epoch would train nothing under the new config: the trial would only
+    swap its final model for the donor's, with no epoch row for it, its own final checkpoint replaced,
+    and a config in Ray that the records never see. So a result at ``max_epochs`` neither exploits nor
+    serves as a donor (a trial restored from a finished checkpoint would have nothing left to train).
+    """
+
+    def __init__(self, *, max_epochs: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.max_epochs = max_epochs
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        if not _ends_trial(result) and (result.get(self._time_attr) or 0) >= self.max_epochs:
+            return TrialScheduler.CONTINUE  # the trial completes with its own last epoch
+        return super().on_trial_result(tune_controller, trial, result)
+
+    # Synchronous PBT pauses each trial at the interval until every live trial has reached it, and
+    # perturbs when the last one reports. A trial that leaves instead (an error, divergence, out of
+    # memory) never reports: Ray's PBT would keep the others paused for good. So a leaving trial is
+    # dropped from the ranking, and if everyone left is waiting, the interval's perturbation runs now.
+
+    def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_error(tune_controller, trial)
+        self._leave(tune_controller, trial)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_remove(tune_controller, trial)
+        self._leave(tune_controller, trial)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> None:
+        super().on_trial_complete(tune_controller, trial, result)  # (an ending report: on_trial_remove left)
+        if not _ends_trial(result):
+            self._leave(tune_controller, trial)
+
+    def _leave(self, tune_controller: Any, trial: Any) -> None:
+        from ray.tune.experiment import Trial
+
+        if trial in self._trial_state:
+            self._trial_state[trial].last_score = None  # never a donor, never ranked again
+        if not self._synch:
+            return
+        waiting = [t for t in tune_controller.get_live_trials() if t is not trial and t in self._trial_state]
+        if not waiting or not all(t.status == Trial.PAUSED and self._trial_state[t].last_train_time >= self._next_perturbation_sync
+                                  for t in waiting):
+            return
+        # what PopulationBasedTraining.on_trial_result does when the last trial reaches the interval
+        lower, upper = self._quantiles()
+        time = max(self._trial_state[t].last_train_time for t in waiting)
+        for t in upper + [t for t in waiting if t not in lower and t not in upper] + lower:
+            self._trial_state[t].last_perturbation_time = time
+            self._checkpoint_or_exploit(t, tune_controller, upper, lower)
+        self._next_perturbation_sync = max(self._next_perturbation_sync + self._perturbation_interval,
+                                           max(self._trial_state[t].last_train_time for t in waiting))
+
+    def _exploit(self, tune_controller: Any, trial: Any, trial_to_clone: Any) -> None:
+        if self._trial_state[trial_to_clone].last_train_time >= self.max_epochs:
+            return  # (not reached through on_trial_result above; kept so no path copies a finished model)
+        super()._exploit(tune_controller, trial, trial_to_clone)
 
     def _get_new_config(self, trial: Any, trial_to_clone: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         config, operations = super()._get_new_config(trial, trial_to_clone)
@@ -498,13 +598,19 @@ class _Rebuilt:
         super().on_trial_error(tune_controller, _Keyed(trial, trial.config["trial_id"]))  # type: ignore[misc]
 
 
-class _ASHA(_Rebuilt, AsyncHyperBandScheduler):
+class _ASHA(_EndingReports, _Rebuilt, AsyncHyperBandScheduler):
     def _known(self, trial_id: str) -> bool:
         return trial_id in self._trial_info
 
 
-class _Median(_Rebuilt, MedianStoppingRule):
-    pass
+class _Median(_EndingReports, _Rebuilt, MedianStoppingRule):
+    """Ray's median stopping rule without its pauses: with fewer than ``min_samples_required`` trials to
+    compare, Ray pauses a trial to let pending ones run; a paused trial holds a ``max_concurrent`` slot
+    and resumes from its last checkpoint (epochs since then trained again, or all of them without
+    checkpoints). Here it simply goes on: the rule only ever stops trials."""
+
+    def _on_insufficient_samples(self, tune_controller: Any, trial: Any, time: float) -> str:
+        return TrialScheduler.CONTINUE
 
 
 _DOMAINS: dict[str, Callable[..., Any]] = {
@@ -554,7 +660,7 @@ def make_scheduler(sched: SchedulerSpec, history: SchedulerHistory | None = None
 
         mutations = parse_mutations(sched.mutations)
         return _PBT(
-            time_attr="epoch", perturbation_interval=sched.perturbation_interval,
+            max_epochs=sched.max_epochs, time_attr="epoch", perturbation_interval=sched.perturbation_interval,
             hyperparam_mutations=pbt_mutations(mutations), quantile_fraction=sched.quantile_fraction,
             resample_probability=sched.resample_probability, custom_explore_fn=_clip_mutations(mutations),
             synch=sched.synch,
@@ -567,12 +673,12 @@ def make_scheduler(sched: SchedulerSpec, history: SchedulerHistory | None = None
         asha._history = history
         return asha
     if sched.name == "hyperband":
-        return HyperBandScheduler(time_attr="epoch", max_t=sched.max_epochs, reduction_factor=sched.reduction_factor)
+        return _HyperBand(time_attr="epoch", max_t=sched.max_epochs, reduction_factor=sched.reduction_factor)
     if sched.name == "median":
         median = _Median(time_attr="epoch", grace_period=sched.grace_period, min_samples_required=3)
         median._history = history
         return median
-    return FIFOScheduler()
+    return _FIFO()
 
 
 def trial_resources(res: ResourcesSpec, cluster: RayInfo) -> dict[str, float]:

@@ -235,3 +235,53 @@ def test_dashboard_command_serves_an_experiment(watched_search: dict[str, Any]) 
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
+
+
+def test_the_journal_follows_a_pbt_trial_through_an_exploit(tmp_path: Path) -> None:
+    """No Ray: the events an async PBT trial produces (own epochs 1-2, then a copy of another trial's
+    epoch-4 checkpoint with a perturbed config, epochs 5-8). The journal says what trials.parquet says
+    at every step: epochs_run is the epoch reached, the parameters are those of the config in force."""
+    from cifar_tune.errors import ErrorList
+    from cifar_tune.results import TrialLog
+    from cifar_tune.search import Fanout
+    from cifar_tune.space import parse_tree
+
+    raw = {"optimizer": {"name": "sgd", "lr": {"loguniform": [1e-3, 0.3]}},
+           "train": {"label_smoothing": {"choice": [0.0, 0.1]}}}
+    errors = ErrorList()
+    space = {k: parse_tree(v, f"space.{k}", errors) for k, v in raw.items()}
+    exp = Experiment(str(tmp_path), "pbt")
+    exp.write_text("spec.yaml", "spec: {}\n")
+    log = TrialLog(exp, metric="val_acc", mode="max", max_epochs=8, flush_every_s=0)
+    mirror = dashboard.OptunaMirror(tmp_path / "j.journal", study_name="pbt", space=space, log=log, scheduler={})
+    events = Fanout(log, mirror)  # as in a search: the log first, the mirror reads it
+    mine = {"optimizer": {"name": "sgd", "lr": 0.2}, "train": {"label_smoothing": 0.0}}
+    copied = {"optimizer": {"name": "sgd", "lr": 0.012}, "train": {"label_smoothing": 0.1}}
+    log.add_pending("t0000", 0, mine, 5)
+
+    def metrics(e: int, acc: float, **extra: Any) -> dict[str, Any]:
+        return {"epoch": e, "val_acc": acc, "val_loss": 1 - acc, "train_loss": 1.0, "train_time_s": 0.1, "epoch_time_s": 0.2, **extra}
+
+    def check() -> None:
+        trials, epochs = _tables(exp)
+        row = trials.set_index("trial_id").loc["t0000"]
+        t = _study(tmp_path / "j.journal", "pbt").trials[0]
+        assert t.user_attrs["epochs_run"] == row.epochs_run
+        assert t.params == {p.name: p.value for p in searched_params(space, json.loads(row.config))}
+        assert t.intermediate_values == dict(zip(epochs.epoch.astype(int), epochs.val_acc, strict=True))
+
+    events.trial_started("t0000", mine)
+    for e, acc in ((1, 0.3), (2, 0.5)):
+        events.trial_result("t0000", metrics(e, acc))
+        check()
+    events.trial_resumed("t0000")
+    events.trial_result("t0000", metrics(5, 0.4, restored_from="t0001", config_json=json.dumps(copied)))
+    check()
+    assert _study(tmp_path / "j.journal", "pbt").trials[0].params["optimizer.lr"] == 0.012
+    for e, acc in ((6, 0.45), (7, 0.47), (8, 0.46)):
+        events.trial_result("t0000", metrics(e, acc))
+        check()
+    events.trial_finished("t0000", {})
+    trials, epochs = _tables(exp)
+    check_journal_matches_tables(_study(tmp_path / "j.journal", "pbt"), trials, epochs, space)
+    assert trials.status.iloc[0] == "completed" and trials.best_val_acc.iloc[0] == 0.47

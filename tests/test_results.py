@@ -242,3 +242,109 @@ def test_an_oom_trial_keeps_the_peak_its_failed_epoch_reached(tmp_path: Path) ->
     trials = log.exp.read_table("trials.parquet").set_index("trial_id")
     assert trials.loc["t0000", "status"] == "oom" and trials.loc["t0000", "oom_gpu_mem_peak_mb"] == 1234.5
     assert pd.isna(trials.loc["t0001", "oom_gpu_mem_peak_mb"])
+
+
+def _exploited(tmp_path: Path, *, mode: str = "max", metric: str = "val_acc") -> tuple[TrialLog, dict, dict]:
+    """An async PBT trial: its own epochs 1, 2 (a VGG config), then it copies t0001's epoch-4 checkpoint
+    and a LeNet config, and trains epochs 5..8 itself."""
+    exp = Experiment(str(tmp_path), "exp")
+    exp.write_text("spec.yaml", "spec: {}\n")
+    log = TrialLog(exp, metric=metric, mode=mode, max_epochs=8, flush_every_s=0)
+    mine = {"model": {"family": "vgg", "blocks": [[8]], "dropout": 0.1}, "optimizer": {"name": "sgd", "lr": 0.1}}
+    donor = {"model": {"family": "lenet", "channels": [4, 8]}, "optimizer": {"name": "sgd", "lr": 0.02}}
+    log.add_pending("t0000", 0, mine, 1)
+    log.trial_started("t0000", mine)
+    log.trial_result("t0000", _epoch(1, 0.5))
+    log.trial_result("t0000", _epoch(2, 0.9))  # a lucky epoch of the model it then throws away
+    log.trial_resumed("t0000")  # Tune restarts it from the donor's checkpoint: the same attempt
+    log.trial_result("t0000", {**_epoch(5, 0.6), "restored_from": "t0001", "config_json": json.dumps(donor)})
+    for e, acc in ((6, 0.7), (7, 0.65), (8, 0.66)):
+        log.trial_result("t0000", _epoch(e, acc))
+    log.trial_finished("t0000", {})
+    return log, mine, donor
+
+
+def test_an_exploited_pbt_trial_reaches_its_last_epoch_and_ranks_by_its_final_lineage(tmp_path: Path) -> None:
+    """Rows 1, 2, 5..8: the trial reached epoch 8, so it is completed (not stopped by a row count), the
+    jump is on record (restored_from on epoch 5), and best_* come from epochs 5..8 only: epoch 2's 0.9
+    was another model under another config, which retrain would not refit."""
+    log, _, _ = _exploited(tmp_path)
+    trials, epochs = _frames_of(tmp_path)
+    t = trials.set_index("trial_id").loc["t0000"]
+    assert list(epochs.epoch) == [1, 2, 5, 6, 7, 8]
+    assert (t.status, t.epochs_run, t.best_epoch, t.best_val_acc, t.last_val_acc) == ("completed", 8, 6, 0.7, 0.66)
+    assert epochs.set_index("epoch").restored_from[5] == "t0001"
+    assert t.train_time_s == pytest.approx(6 * 0.25)  # what this trial trained, not the donor's epochs
+    assert_summaries_derived(trials, epochs)
+    assert log.best()["best_val_acc"] == 0.7
+
+
+def test_an_exploit_records_removed_config_keys_and_drops_their_columns(tmp_path: Path) -> None:
+    _, mine, donor = _exploited(tmp_path)
+    trials, epochs = _frames_of(tmp_path)
+    t = trials.set_index("trial_id").loc["t0000"]
+    changes = json.loads(epochs.set_index("epoch").config_changes[5])
+    assert changes == {"model.family": "lenet", "model.channels": [4, 8], "optimizer.lr": 0.02,
+                       "model.blocks": None, "model.dropout": None}
+    assert json.loads(t.config) == donor
+    # the columns are the config in force, none left over from the VGG config it started with
+    assert {c for c in trials.columns if c.startswith("config.")} == set(flatten(donor))
+    assert set(flatten(mine)) - set(flatten(donor)) == {"config.model.blocks", "config.model.dropout"}
+
+
+def test_every_checkpoint_is_on_disk_in_trials_parquet_at_once(tmp_path: Path) -> None:
+    """Throttled flushes skip results, never checkpoints: Tune deletes older checkpoints as new ones
+    come, so the one trials.parquet names must be the newest Tune reported, and its epoch rows too."""
+    exp = Experiment(str(tmp_path), "exp")
+    exp.write_text("spec.yaml", "spec: {}\n")
+    log = TrialLog(exp, metric="val_acc", mode="max", max_epochs=30, flush_every_s=3600)
+    log.add_pending("t0000", 0, {"model": {"family": "mlp"}}, 1)
+    log.trial_started("t0000", {})
+    for e in range(1, 21):
+        log.trial_result("t0000", _epoch(e, 0.5))
+        path = str(tmp_path / "exp" / "ray" / "search-1" / "t0000-mlp-sgd" / f"checkpoint_{e - 1:06d}")
+        log.trial_checkpoint("t0000", path, e)
+        trials, epochs = _frames_of(tmp_path)
+        assert trials.checkpoint_epoch.iloc[0] == e and trials.checkpoint.iloc[0].endswith(f"checkpoint_{e - 1:06d}")
+        assert epochs.epoch.max() == e
+
+
+def test_a_trial_without_epoch_rows_satisfies_the_invariant(tmp_path: Path) -> None:
+    """Out of memory in its first epoch: no rows, epochs_run 0, no best."""
+    log = _log(tmp_path)
+    log.add_pending("t0000", 0, {"model": {"family": "mlp"}}, 1)
+    log.trial_started("t0000", {})
+    log.trial_result("t0000", {"trial_id": "t0000", "status": "oom", "error": "out of memory"})
+    log.trial_finished("t0000", {"status": "oom"})
+    trials, epochs = _frames_of(tmp_path)
+    assert (trials.status.iloc[0], trials.epochs_run.iloc[0]) == ("oom", 0)
+    assert_summaries_derived(trials, epochs)
+
+
+def test_resume_continues_from_a_checkpoint_that_is_on_disk(tmp_path: Path) -> None:
+    """trials.parquet names checkpoint_000004 (epoch 5), which Tune has deleted; 000002 (epoch 3) and
+    000003 (epoch 4) are on disk, but only epochs 1-3 have rows: the trial continues from epoch 3."""
+    import io
+
+    import torch
+
+    log = _log(tmp_path, max_epochs=8)
+    log.add_pending("t0000", 0, {"model": {"family": "mlp"}}, 1)
+    log.trial_started("t0000", {})
+    for e in (1, 2, 3):
+        log.trial_result("t0000", _epoch(e, 0.1 * e))
+    trial_dir = "ray/search-1/t0000-mlp-sgd"
+    for index, epoch in ((2, 3), (3, 4)):
+        buf = io.BytesIO()
+        torch.save({"epochs": epoch}, buf)
+        log.exp.write_bytes(f"{trial_dir}/checkpoint_{index:06d}/trial.pt", buf.getvalue())
+    log.rows["t0000"].update(checkpoint=f"{trial_dir}/checkpoint_000004", checkpoint_epoch=5)
+    log.check_checkpoint("t0000")
+    assert (log.rows["t0000"]["checkpoint"], log.rows["t0000"]["checkpoint_epoch"]) == (f"{trial_dir}/checkpoint_000002", 3)
+    log.rows["t0000"].update(checkpoint=f"{trial_dir}/checkpoint_000002", checkpoint_epoch=3)
+    log.check_checkpoint("t0000")  # on disk: kept as it is
+    assert log.rows["t0000"]["checkpoint"] == f"{trial_dir}/checkpoint_000002"
+    log.exp.delete_dir(f"{trial_dir}/checkpoint_000002")
+    log.exp.delete_dir(f"{trial_dir}/checkpoint_000003")
+    log.check_checkpoint("t0000")  # none left: it starts over
+    assert log.rows["t0000"]["checkpoint"] is None and log.rows["t0000"]["checkpoint_epoch"] is None

@@ -83,6 +83,33 @@ def test_min_mode_and_rank_by_last() -> None:
     assert _rank(rows, metric="val_loss", mode="min", rank_by="last") == ["t0001", "t0000"]
 
 
+def test_an_async_pbt_trial_that_jumped_ahead_ranks_as_completed_by_its_final_lineage(tmp_path: Path) -> None:
+    """From the trial log, as a search records it: t0000 trained epochs 1-2 (a lucky 0.9 at epoch 2), copied
+    t0001's epoch-4 checkpoint and config, and trained 5-8 (best 0.7); t0001 trained 1-8 (best 0.8). Both
+    reached epoch 8: completed, compared by best_val_acc over what the refit config trained."""
+    from cifar_tune.results import Experiment, TrialLog
+
+    exp = Experiment(str(tmp_path), "pbt")
+    exp.write_text("spec.yaml", "spec: {}\n")
+    log = TrialLog(exp, metric="val_acc", mode="max", max_epochs=8, flush_every_s=0)
+    cfg = {"model": {"family": "mlp"}, "optimizer": {"name": "sgd", "lr": 0.1}}
+    for i in range(2):
+        log.add_pending(f"t000{i}", i, {**cfg, "optimizer": {"name": "sgd", "lr": 0.1 * (i + 1)}}, 100)
+        log.trial_started(f"t000{i}", cfg)
+    accs = {1: 0.3, 2: 0.9, 5: 0.6, 6: 0.7, 7: 0.65, 8: 0.66}
+    for e, acc in accs.items():
+        extra = {"restored_from": "t0001", "config_json": json.dumps({**cfg, "optimizer": {"name": "sgd", "lr": 0.24}})} if e == 5 else {}
+        log.trial_result("t0000", {"epoch": e, "val_acc": acc, **extra})
+    for e in range(1, 9):
+        log.trial_result("t0001", {"epoch": e, "val_acc": 0.1 * e})
+    for tid in ("t0000", "t0001"):
+        log.trial_finished(tid, {})
+    ranked = rank_trials(exp.read_table("trials.parquet"), metric="val_acc", mode="max")
+    assert list(ranked.trial_id) == ["t0001", "t0000"]
+    assert list(ranked.status) == ["completed", "completed"] and list(ranked.epochs_run) == [8, 8]
+    assert list(ranked.best_val_acc) == [0.8, 0.7] and json.loads(ranked.config[1])["optimizer"]["lr"] == 0.24
+
+
 def test_top_larger_than_usable_names_both_numbers() -> None:
     rows = [_trial("t0000", "completed", 3, 0.5), _trial("t0001", "error", 0, None)]
     with pytest.raises(UserError, match=r"--top 3 .* the 1 usable"):

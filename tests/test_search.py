@@ -337,6 +337,88 @@ def test_pbt_scheduler_keeps_the_trial_id_and_clips_to_the_ranges() -> None:
     assert seen_lr == {round(0.29 * 0.8, 6), 0.3}  # x0.8, or x1.2 clipped to the top of the range
 
 
+def test_pbt_never_exploits_at_the_last_epoch() -> None:
+    """No Ray instance: a trial in the bottom quantile reports its last epoch while a better trial has a
+    checkpoint to copy. Ray's PBT would exploit it (pause it, swap in the donor's checkpoint and config,
+    then train nothing under them); ours lets it complete with its own last epoch and touches nothing.
+    One epoch earlier the same trial is exploited."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers.pbt import _PBTTrialState
+
+    from cifar_tune.spec import SchedulerSpec
+    from cifar_tune.tuner import make_scheduler
+
+    pbt = make_scheduler(SchedulerSpec(name="pbt", max_epochs=4, perturbation_interval=1, resample_probability=0.0,
+                                       mutations={"optimizer": {"lr": {"loguniform": [1e-3, 0.3]}}}))
+    pbt.set_search_properties("val_acc", "max")
+
+    class Trial(SimpleNamespace):
+        __hash__ = object.__hash__  # PBT keys its state by trial
+
+        def is_finished(self) -> bool:
+            return False
+
+    def trial(tid: str) -> Trial:
+        return Trial(config={"trial_id": tid, "config": {"optimizer": {"name": "sgd", "lr": 0.01}}},
+                     experiment_tag=tid, status="RUNNING", trial_id=tid)
+
+    weak, strong = trial("t0000"), trial("t0001")
+    for t, score in ((weak, 0.1), (strong, 0.9)):
+        pbt._trial_state[t] = _PBTTrialState(t)
+        pbt._trial_state[t].last_score, pbt._trial_state[t].last_train_time = score, 3
+    pbt._trial_state[strong].last_checkpoint = "the donor's checkpoint"
+    calls: list[str] = []
+
+    class Controller:
+        def __getattr__(self, name: str) -> Any:
+            calls.append(name)
+            raise AssertionError(f"PBT called tune_controller.{name}")
+
+    assert pbt.on_trial_result(Controller(), weak, {"epoch": 4, "val_acc": 0.1}) == "CONTINUE"
+    assert calls == [] and weak.config["config"]["optimizer"]["lr"] == 0.01
+    with pytest.raises(AssertionError, match="tune_controller"):  # epoch 3 of 4: an exploit is still worth it
+        pbt.on_trial_result(Controller(), weak, {"epoch": 3, "val_acc": 0.1})
+
+
+def test_synchronous_pbt_goes_on_when_a_straggler_leaves() -> None:
+    """No Ray instance: t0000 and t0001 wait (paused) at the epoch-2 interval for t0002, which fails in
+    epoch 2 instead of reporting it. Ray's PBT would wait for it for good; ours perturbs the two that are
+    left (the failed trial is no longer ranked) and lets them go on to the next interval."""
+    from types import SimpleNamespace
+
+    from ray.tune.experiment import Trial as RayTrial
+    from ray.tune.schedulers.pbt import _PBTTrialState
+
+    from cifar_tune.spec import SchedulerSpec
+    from cifar_tune.tuner import make_scheduler
+
+    pbt = make_scheduler(SchedulerSpec(name="pbt", max_epochs=6, perturbation_interval=2, synch=True, quantile_fraction=0.5,
+                                       mutations={"optimizer": {"lr": {"loguniform": [1e-3, 0.3]}}}))
+    pbt.set_search_properties("val_acc", "max")
+
+    class Trial(SimpleNamespace):
+        __hash__ = object.__hash__
+
+        def is_finished(self) -> bool:
+            return False
+
+    waiting = [Trial(trial_id=f"t000{i}", experiment_tag="", status=RayTrial.PAUSED) for i in range(2)]
+    straggler = Trial(trial_id="t0002", experiment_tag="", status=RayTrial.RUNNING)
+    for t, (score, epoch) in zip([*waiting, straggler], [(0.2, 2), (0.8, 2), (0.9, 0)], strict=True):
+        pbt._trial_state[t] = _PBTTrialState(t)
+        pbt._trial_state[t].last_score, pbt._trial_state[t].last_train_time = score, epoch
+    pbt._next_perturbation_sync = 2
+    perturbed: list[tuple[str, list[str], list[str]]] = []
+    pbt._checkpoint_or_exploit = lambda t, c, upper, lower: perturbed.append(
+        (t.trial_id, [u.trial_id for u in upper], [lo.trial_id for lo in lower]))
+    controller = SimpleNamespace(get_live_trials=lambda: [*waiting, straggler])
+    pbt.on_trial_error(controller, straggler)
+    assert sorted(perturbed) == [("t0000", ["t0001"], ["t0000"]), ("t0001", ["t0001"], ["t0000"])]
+    assert pbt._next_perturbation_sync == 4  # the next interval: choose_trial_to_run picks them again
+    assert pbt.choose_trial_to_run(SimpleNamespace(get_trials=lambda: [*waiting, straggler])) in waiting
+
+
 @pytest.mark.parametrize("cpus,gpus,cpu,gpu,expected", [
     (1, 0, 0.1, 0, 10),  # 1 // 0.1 == 9.0 in floats
     (0.9, 0, 0.3, 0, 3),  # 0.9 // 0.3 == 2.0

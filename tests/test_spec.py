@@ -204,6 +204,35 @@ PBT_BROKEN = [
     for c, m, e in PBT_BROKEN
 ]
 BROKEN += PBT_BROKEN
+_SYNCH_PBT = _pbt({"optimizer": {"lr": {"loguniform": [1e-3, 0.1]}}}, SGD_ONLY, synch=True)
+BROKEN += [
+    ("hyperband-with-max-concurrent", _and(_set("search/scheduler", {"name": "hyperband", "max_epochs": 4}),
+                                           _set("search/max_concurrent", 8)),
+     "search.max_concurrent: hyperband pauses each trial at a milestone until the rest of its bracket gets there"),
+    ("synch-pbt-with-fewer-slots-than-trials", _and(_SYNCH_PBT, _set("search/max_concurrent", 1)),
+     "search.max_concurrent: synchronous pbt pauses every trial at each interval until all 2 have reached it, "
+     "and a paused trial keeps its slot: must be at least 2 (or unset), got 1"),
+]
+
+
+@pytest.mark.parametrize("scheduler,synch,max_concurrent,expected", [
+    ("hyperband", False, None, None),  # the resources alone: a paused trial would hold a slot
+    ("pbt", True, None, None), ("pbt", True, 2, 2), ("pbt", False, 1, 1),  # async pbt does not wait: any limit works
+    ("asha", False, None, 3), ("asha", False, 1, 1), ("median", False, None, 3), ("fifo", False, 5, 5),
+])
+def test_concurrency_limits_that_validation_accepts_run(scheduler: str, synch: bool, max_concurrent: int | None,
+                                                        expected: int | None) -> None:
+    """What search passes to Ray Tune as max_concurrent_trials (3 slots in the cluster), for specs that validate."""
+    from cifar_tune.search import tune_concurrency
+
+    raw = copy.deepcopy(BASE)
+    if scheduler == "pbt":
+        _pbt({"optimizer": {"lr": {"loguniform": [1e-3, 0.1]}}}, SGD_ONLY, synch=synch)(raw)
+    else:
+        raw["search"]["scheduler"] = {"name": scheduler, "max_epochs": 4}
+    if max_concurrent is not None:
+        raw["search"]["max_concurrent"] = max_concurrent
+    assert tune_concurrency(parse_spec(raw), slots=3) == expected
 
 
 @pytest.mark.parametrize("case,mutate,expected", BROKEN, ids=[b[0] for b in BROKEN])
