@@ -649,10 +649,43 @@ class BatchAugment:
             self._params[key] = _channel_params(self.mean, self.std, device, 255.0)
         return self._params[key]
 
-    def __call__(self, x_uint8: torch.Tensor, y: torch.Tensor,
-                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def split(self) -> bool:
+        """Whether every random draw can happen before the pixel work (:meth:`draw`, then :meth:`dense`, a
+        pure function of the batch and the draws that ``torch.compile`` or a CUDA graph can take whole).
+        Not with a policy: its per-image op draws sit between the geometric and colour stages."""
+        return not self._policies
+
+    def draw(self, g: torch.Generator, batch: int, channels: int, device: torch.device) -> dict[str, Any]:
+        """The geometric and colour draws of one batch (tensors on ``device``), in the order ``__call__``
+        makes them, so the split path gives the same batch from the same generator state."""
+        out: dict[str, Any] = self._geometry.draw(g, batch, device) if self._geometry is not None else {}
+        if self._jitter is not None and (drawn := _jitter_draw(self._jitter, batch, channels, g, device)) is not None:
+            out["jitter_factors"], out["jitter_order"] = drawn
+        return out
+
+    def dense(self, x_uint8: torch.Tensor, draws: Mapping[str, Any]) -> torch.Tensor:
+        """Geometry, colour jitter and normalisation of a uint8 batch with the given draws; no randomness."""
+        x = x_uint8
+        if self._geometry is not None:
+            x = self._geometry._rotate(x, draws) if "angle" in draws else self._geometry._gather(x, draws)
+        x = x.to(torch.float32)  # a copy for uint8 input, so in-place ops below never touch the caller's batch
+        if "jitter_order" in draws:
+            assert self._jitter is not None
+            x = apply_jitter(x, jitter_names(self._jitter, x.shape[1]), draws["jitter_factors"], draws["jitter_order"],
+                             random_order=self._jitter.random_order)
+        a, b = self._norm_params(x.device)
+        return x.mul_(a).add_(b)
+
+    def __call__(self, x_uint8: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
+                 dense: Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``dense``: a stand-in for :meth:`dense` (its compiled version); used where :attr:`split`."""
         if x_uint8.dtype != torch.uint8 or x_uint8.dim() != 4 or x_uint8.shape[1] != len(self.mean):
             raise ValueError(f"expected uint8 [B, {len(self.mean)}, H, W], got {x_uint8.dtype} {tuple(x_uint8.shape)}")
+        if self.split:
+            x = (dense or self.dense)(x_uint8, self.draw(generator, x_uint8.shape[0], x_uint8.shape[1], x_uint8.device))
+            return self._tail(x, y, generator)
         x = self._geometry(x_uint8, generator) if self._geometry is not None else x_uint8
         if self._policies:
             if x.dtype != torch.uint8:  # rotated: the policies work on uint8, as torchvision's do
@@ -663,7 +696,10 @@ class BatchAugment:
         x = x.to(torch.float32)  # a copy for uint8 input, so in-place ops below never touch the caller's batch
         if self._jitter is not None:
             x = _color_jitter(self._jitter, x, generator)
-        x = x.mul_(a).add_(b)
+        return self._tail(x.mul_(a).add_(b), y, generator)
+
+    def _tail(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Erasing and mixing on the normalised batch (their draws come after the dense stages' draws)."""
         for erase in self._erasers:
             x = erase(x, generator)
         if self._mixer is not None:
