@@ -41,7 +41,7 @@ from cifar_tune.devices import keep_host_memory
 from cifar_tune.models import build_model
 from cifar_tune.optim import build_optimizer
 from cifar_tune.spec import SyntheticSpec
-from cifar_tune.train import TrainOptions, _autocast, fit, prepare_model
+from cifar_tune.train import Trainer, TrainOptions, _autocast, fit, prepare_model
 
 # seed 000's recipe: flip, crop pad 4, colour jitter incl. hue, rotation 15 degrees
 SEED_AUGMENT: dict[str, Any] = {
@@ -96,7 +96,8 @@ class BenchOptions:
     search_epochs: int = 4  # ASHA max_epochs (grace 1, reduction factor 2)
     search_epoch_s: float = 1.0  # size the search's data set so an epoch takes about this long
     search_images: int | None = None  # override: training images of the search (None: from search_epoch_s)
-    compile: bool = False  # also time fit with torch.compile: compile time and steady-state speed (row b_compiled)
+    compile: bool = False  # also time fit with fast_path compiled: compile time and steady-state speed
+    only_ops: bool = False  # ATen ops per step only (no timing rows, no search)
 
 
 @dataclass
@@ -192,9 +193,10 @@ def fit_images_per_s(model: nn.Module, train: Split, config: dict[str, Any], mea
 
 def compile_cost(cfg: dict[str, Any], train: Split, config: dict[str, Any], mean: tuple[float, ...],
                  std: tuple[float, ...], device: torch.device, epochs: int = 3) -> dict[str, float]:
-    """fit with ``train.compile: true``: the first epoch pays the compilation; later ones show its gain."""
+    """fit with ``train.fast_path: compiled`` (augmentation and model): the first epoch pays the
+    compilation; later ones show its gain."""
     model = build_model(cfg, num_classes=NUM_CLASSES)
-    compiled = {**config, "train": {**config["train"], "compile": True}}
+    compiled = {**config, "train": {**config["train"], "fast_path": "compiled"}}
     result = fit(model, train, None, compiled, epochs=epochs, num_classes=NUM_CLASSES, mean=mean, std=std,
                  seed=0, device=device)
     first, rest = result.history[0], result.history[1:]
@@ -599,9 +601,35 @@ def _target_checks(model: str, ratios: dict[str, float], search: dict[str, Any] 
     return checks
 
 
+def measure_ops(opts: BenchOptions, out: Callable[[str], None] = print) -> dict[str, Any]:
+    """ATen ops of one eager training step (cifar_tune.opcount): seed 000's augmentation, this run's
+    model and batch size, SGD with momentum, on this run's device."""
+    from cifar_tune.opcount import step_ops
+
+    device = torch.device(opts.device)
+    cfg = model_config(opts.model)
+    x, y = synthetic_images(2 * opts.batch_size)
+    mean, std = _channel_stats(x)
+    config = {"model": cfg, "optimizer": OPTIMIZER, "schedule": {"name": "none"}, "augment": SEED_AUGMENT,
+              "train": {"batch_size": opts.batch_size, "fast_path": "eager"}}
+    trainer = Trainer(build_model(cfg, num_classes=NUM_CLASSES), Split(x.to(device), y.to(device)), None, config,
+                      epochs=1, num_classes=NUM_CLASSES, mean=mean, std=std, device=device)
+    counted = step_ops(trainer)
+    ops = counted["ops_per_step"]
+    out(f"ops per step ({opts.model}, batch {opts.batch_size}, seed-000 augmentation, {device}): "
+        + ", ".join(f"{k} {v}" for k, v in ops.items()))
+    return {**counted, "model": opts.model, "batch_size": opts.batch_size, "augment": SEED_AUGMENT,
+            "optimizer": OPTIMIZER, "device": str(device)}
+
+
 def run_bench(opts: BenchOptions, out: Callable[[str], None] = print) -> dict[str, Any]:
     keep_host_memory()  # as every training process does (Trainer): all rows run under the same allocator
     report: dict[str, Any] = {"options": asdict(opts), "env": environment(opts.device)}
+    report["ops"] = measure_ops(opts, out)
+    report["ops_per_step"] = report["ops"]["ops_per_step"]
+    if opts.only_ops:
+        report.update(threads=torch.get_num_threads(), rows={}, ratios={}, targets=[])
+        return report
     if opts.only_policies:
         report.update(threads=opts.threads or torch.get_num_threads(), rows={}, ratios={})
     else:
@@ -664,6 +692,17 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
     lines = [f"model `{o['model']}`, device {o['device']}{gpu}, batch {o['batch_size']}, {report['threads']} torch threads "
              f"for rows a-d, {o['epoch_images']} images per epoch, median of {o['rounds']} interleaved rounds; "
              f"torch {env['torch']}, {env['cores']} cores", ""]
+    if "ops" in report:
+        ops = report["ops"]
+        lines += [f"ATen ops per training step (one eager step, batch {ops['batch_size']}, seed-000 augmentation, "
+                  f"{ops['optimizer']['name']}; views in brackets):", "",
+                  "| part | ops | of which views | most frequent |", "|---|---:|---:|---|"]
+        lines += [f"| {k} | {v} | {ops['views_per_step'][k]} | "
+                  + ", ".join(f"{name} {n}" for name, n in list(ops["top_ops"][k].items())[:5]) + " |"
+                  for k, v in ops["ops_per_step"].items()]
+        lines += [f"| total | {sum(ops['ops_per_step'].values())} | {sum(ops['views_per_step'].values())} | |", ""]
+    if o.get("only_ops"):
+        return "\n".join(lines) + "\n"
     if o.get("only_policies"):  # rows a-d did not run: describe row f's setting instead
         lines = [f"row f only: device {o['device']}{gpu}, batch {o['batch_size']}, {o['augment_images']} images per "
                  f"round, median of {o['rounds']} interleaved rounds; torch {env['torch']}, {env['cores']} cores, "
