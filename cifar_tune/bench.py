@@ -622,6 +622,64 @@ def measure_ops(opts: BenchOptions, out: Callable[[str], None] = print) -> dict[
             "optimizer": OPTIMIZER, "device": str(device)}
 
 
+def compile_vs_eager(opts: BenchOptions, epochs: int = 3, out: Callable[[str], None] = print) -> dict[str, Any]:
+    """``fast_path: eager`` against ``compiled`` on the same data and seed, one after the other: epoch
+    times (the compiled run's first epoch includes Inductor's compilation), and the augmentation's pixel
+    work alone (``BatchAugment.dense`` on fixed draws), eager vs compiled, per batch."""
+    device = torch.device(opts.device)
+    torch.set_num_threads(opts.threads or torch.get_num_threads())
+    cfg = model_config(opts.model)
+    x, y = synthetic_images(opts.epoch_images)
+    mean, std = _channel_stats(x)
+    train = Split(x.to(device), y.to(device))
+    runs: dict[str, list[float]] = {}
+    for mode in ("eager", "compiled"):
+        config = {"model": cfg, "optimizer": OPTIMIZER, "schedule": {"name": "none"}, "augment": SEED_AUGMENT,
+                  "train": {"batch_size": opts.batch_size, "fast_path": mode}}
+        result = fit(build_model(cfg, num_classes=NUM_CLASSES), train, None, config, epochs=epochs,
+                     num_classes=NUM_CLASSES, mean=mean, std=std, seed=0, device=device)
+        runs[mode] = [float(h["train_time_s"]) for h in result.history]
+    augment = build_augment(SEED_AUGMENT, mean=mean, std=std, num_classes=NUM_CLASSES)
+    xb = train.x[: opts.batch_size]
+    draws = augment.draw(torch.Generator(device=device).manual_seed(0), len(xb), xb.shape[1], device)
+    t0 = time.perf_counter()
+    dense = torch.compile(augment.dense, dynamic=False)
+    dense(xb, draws)
+    _sync(device)
+    augment_compile_s = time.perf_counter() - t0
+
+    def per_batch_ms(fn: Callable[[torch.Tensor, Any], torch.Tensor], reps: int = 20) -> float:
+        fn(xb, draws)
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn(xb, draws)
+        _sync(device)
+        return (time.perf_counter() - t) / reps * 1e3
+
+    aug_ms = {"eager": [], "compiled": []}
+    for _ in range(opts.rounds):  # interleaved: the machine may be shared
+        aug_ms["eager"].append(per_batch_ms(augment.dense))
+        aug_ms["compiled"].append(per_batch_ms(dense))
+    eager_s = statistics.median(runs["eager"])
+    steady_s = statistics.median(runs["compiled"][1:])
+    gain_s = eager_s - steady_s
+    overhead_s = runs["compiled"][0] - steady_s
+    report = {
+        "epoch_images": opts.epoch_images, "epochs": epochs, "eager_epoch_s": runs["eager"],
+        "compiled_epoch_s": runs["compiled"], "compile_overhead_s": overhead_s,
+        "steady_speedup": eager_s / steady_s,
+        "break_even_epochs": overhead_s / gain_s if gain_s > 0 else None,
+        "break_even_images": overhead_s / gain_s * opts.epoch_images if gain_s > 0 else None,
+        "augment_dense_ms": {k: statistics.median(v) for k, v in aug_ms.items()},
+        "augment_compile_s": augment_compile_s,
+    }
+    out(f"compiled vs eager ({opts.model}): first compiled epoch {runs['compiled'][0]:.1f} s, steady "
+        f"{steady_s:.2f} s vs eager {eager_s:.2f} s per {opts.epoch_images} images; augmentation "
+        f"{report['augment_dense_ms']['eager']:.1f} -> {report['augment_dense_ms']['compiled']:.1f} ms per batch")
+    return report
+
+
 def run_bench(opts: BenchOptions, out: Callable[[str], None] = print) -> dict[str, Any]:
     keep_host_memory()  # as every training process does (Trainer): all rows run under the same allocator
     report: dict[str, Any] = {"options": asdict(opts), "env": environment(opts.device)}
@@ -629,6 +687,8 @@ def run_bench(opts: BenchOptions, out: Callable[[str], None] = print) -> dict[st
     report["ops_per_step"] = report["ops"]["ops_per_step"]
     if opts.only_ops:
         report.update(threads=torch.get_num_threads(), rows={}, ratios={}, targets=[])
+        if opts.compile:
+            report["compile_vs_eager"] = compile_vs_eager(opts, out=out)
         return report
     if opts.only_policies:
         report.update(threads=opts.threads or torch.get_num_threads(), rows={}, ratios={})
@@ -695,12 +755,24 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
     if "ops" in report:
         ops = report["ops"]
         lines += [f"ATen ops per training step (one eager step, batch {ops['batch_size']}, seed-000 augmentation, "
-                  f"{ops['optimizer']['name']}; views in brackets):", "",
+                  f"{ops['optimizer']['name']}, dispatched ops counted by a TorchDispatchMode):", "",
                   "| part | ops | of which views | most frequent |", "|---|---:|---:|---|"]
         lines += [f"| {k} | {v} | {ops['views_per_step'][k]} | "
                   + ", ".join(f"{name} {n}" for name, n in list(ops["top_ops"][k].items())[:5]) + " |"
                   for k, v in ops["ops_per_step"].items()]
         lines += [f"| total | {sum(ops['ops_per_step'].values())} | {sum(ops['views_per_step'].values())} | |", ""]
+    if "compile_vs_eager" in report:
+        c = report["compile_vs_eager"]
+        lines += [f"`fast_path` eager vs compiled, fit epochs of {c['epoch_images']} images (compiled epoch 1 "
+                  "includes the compilation):", "", "| | eager | compiled |", "|---|---|---|",
+                  f"| epoch times (s) | {', '.join(f'{v:.2f}' for v in c['eager_epoch_s'])} | "
+                  f"{', '.join(f'{v:.2f}' for v in c['compiled_epoch_s'])} |",
+                  f"| augmentation alone (dense stages), ms per batch | {c['augment_dense_ms']['eager']:.2f} | "
+                  f"{c['augment_dense_ms']['compiled']:.2f} |", "",
+                  "| compiled | value |", "|---|---:|"]
+        lines += [f"| {k} | {_fmt(c.get(k))} |" for k in ("compile_overhead_s", "steady_speedup", "break_even_epochs",
+                                                          "break_even_images", "augment_compile_s")]
+        lines.append("")
     if o.get("only_ops"):
         return "\n".join(lines) + "\n"
     if o.get("only_policies"):  # rows a-d did not run: describe row f's setting instead

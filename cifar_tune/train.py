@@ -195,6 +195,7 @@ class Trainer:
         if compiled and (why := fastpath.compile_blocker(self.augment.split)):
             log.info("fast path compiled: %s", why)
         self._graph: GraphedStep | None = None
+        self._eager_steps = 0
         self._loss_sum = torch.zeros((), device=self.device)
         self._correct = torch.zeros((), device=self.device)
 
@@ -224,20 +225,27 @@ class Trainer:
         self.optimizer.step()
         self._loss_sum += loss * idx.numel()
         self._correct += correct_count(logits, targets)
+        self._eager_steps += 1  # Python-side: counts the eager steps only, not the replays (nor the capture)
 
     def _capture(self, batch_size: int) -> None:
         """Capture the step in a CUDA graph after the eager warm-up steps; on failure fall back to eager
         for the rest of the run and log why (nothing ran during the failed capture: kernels are only
         recorded, so no batch was trained twice or skipped)."""
+        steps = self._eager_steps
+        # capturing synchronises once (torch.cuda.graph does); strict_sync guards the steps, not this
+        sync_mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)
         try:
             fastpath.make_capturable(self.optimizer)
-            torch.cuda.synchronize(self.device)
             self._graph = GraphedStep(self._step, batch_size, self.device, self.gen)
         except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
             self._graph = None
             self.optimizer.zero_grad(set_to_none=True)
             self.fast_path = Decision("eager", f"cuda_graphs capture failed: {type(e).__name__}: {e}")
             log.warning("fast path falls back to eager: %s", self.fast_path.reason)
+        finally:
+            torch.cuda.set_sync_debug_mode(sync_mode)
+            self._eager_steps = steps  # the captured call ran _step's Python once without training
 
     def result(self) -> FitResult:
         return FitResult(status=self.status, epochs_run=self.epoch, history=list(self.history), train_time_s=self.train_time_s)
@@ -257,8 +265,8 @@ class Trainer:
         self._correct.zero_()
         seen = 0
         with _no_host_sync(device, self.strict_sync):
-            for i, idx in enumerate(_batches(len(self.train), opts.batch_size, self.gen, device)):
-                if self.fast_path.mode == "cuda_graphs" and self._graph is None and i >= fastpath.WARMUP_STEPS:
+            for idx in _batches(len(self.train), opts.batch_size, self.gen, device):
+                if self.fast_path.mode == "cuda_graphs" and self._graph is None and self._eager_steps >= fastpath.WARMUP_STEPS:
                     self._capture(len(idx))
                 if self._graph is not None:
                     self._graph(idx)

@@ -148,8 +148,10 @@ def test_bench_reports_ops_per_step_and_the_seed_augmentation_is_within_budget()
 
 @pytest.mark.slow
 def test_compiled_augmentation_and_step_equal_eager_on_cpu() -> None:
-    """Inductor's C++ backend: the compiled augmentation gives the eager batch from the same draws (within
-    1e-4 after normalisation: fused float arithmetic reassociates), and a compiled epoch the eager losses."""
+    """Inductor's C++ backend. Stated tolerances (fused float arithmetic reassociates): the compiled
+    augmentation gives the eager batch from the same draws within 1e-4 (normalised units); the compiled
+    model's loss within 1e-4 relative and its gradients within 1e-3 relative (+1e-5) on the same weights and
+    batch; a compiled epoch's loss within 2% of the eager epoch's (small differences grow over steps)."""
     aug = build_augment(bench.SEED_AUGMENT, mean=MEAN, std=STD, num_classes=4)
     x = _data(16, size=16).x
     draws = aug.draw(torch.Generator().manual_seed(3), 16, 3, CPU)
@@ -157,13 +159,16 @@ def test_compiled_augmentation_and_step_equal_eager_on_cpu() -> None:
     diff = (compiled(x, draws) - aug.dense(x, draws)).abs().max().item()
     assert diff <= 1e-4, diff
 
-    eager, comp = _trainer("eager", epochs=2), _trainer("compiled", epochs=2)
-    assert comp.fast_path.mode == "compiled" and comp._dense is not None
-    for _ in range(2):
-        e, c = eager.run_epoch(), comp.run_epoch()
-        assert c["train_loss"] == pytest.approx(e["train_loss"], rel=1e-3, abs=1e-4)
+    eager, comp = _trainer("eager"), _trainer("compiled")
+    assert comp.fast_path.mode == "compiled" and comp._dense is not None and comp.step_model is not comp.model
+    comp.model.load_state_dict(eager.model.state_dict())
+    xb, targets = eager.augment_batch(torch.arange(16))
+    losses = [t.forward_backward(xb, targets)[0].item() for t in (eager, comp)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
     for (name, p), q in zip(eager.model.named_parameters(), comp.model.parameters(), strict=True):
-        assert torch.allclose(p, q, rtol=1e-3, atol=1e-4), name
+        assert torch.allclose(q.grad, p.grad, rtol=1e-3, atol=1e-5), name
+    e, c = _trainer("eager").run_epoch(), _trainer("compiled").run_epoch()
+    assert c["train_loss"] == pytest.approx(e["train_loss"], rel=2e-2)
 
 
 # --------------------------------------------------------------------------------- CUDA (gpu)
