@@ -623,8 +623,9 @@ def measure_ops(opts: BenchOptions, out: Callable[[str], None] = print) -> dict[
 
 
 def compile_vs_eager(opts: BenchOptions, epochs: int = 3, out: Callable[[str], None] = print) -> dict[str, Any]:
-    """``fast_path: eager`` against ``compiled`` on the same data and seed, one after the other: epoch
-    times (the compiled run's first epoch includes Inductor's compilation), and the augmentation's pixel
+    """Each ``fast_path`` mode that can run here (eager, compiled; cuda_graphs on CUDA), one after the
+    other on the same data and seed: epoch times (epoch 1 includes the compilation or the capture), the
+    one-off cost and per-epoch saving against eager, the break-even point; and the augmentation's pixel
     work alone (``BatchAugment.dense`` on fixed draws), eager vs compiled, per batch."""
     device = torch.device(opts.device)
     torch.set_num_threads(opts.threads or torch.get_num_threads())
@@ -632,22 +633,31 @@ def compile_vs_eager(opts: BenchOptions, epochs: int = 3, out: Callable[[str], N
     x, y = synthetic_images(opts.epoch_images)
     mean, std = _channel_stats(x)
     train = Split(x.to(device), y.to(device))
-    runs: dict[str, list[float]] = {}
-    for mode in ("eager", "compiled"):
+    modes = ("eager", "compiled", "cuda_graphs") if device.type == "cuda" else ("eager", "compiled")
+    epoch_s: dict[str, list[float]] = {}
+    used: dict[str, str] = {}
+    for mode in modes:
         config = {"model": cfg, "optimizer": OPTIMIZER, "schedule": {"name": "none"}, "augment": SEED_AUGMENT,
                   "train": {"batch_size": opts.batch_size, "fast_path": mode}}
-        result = fit(build_model(cfg, num_classes=NUM_CLASSES), train, None, config, epochs=epochs,
-                     num_classes=NUM_CLASSES, mean=mean, std=std, seed=0, device=device)
-        runs[mode] = [float(h["train_time_s"]) for h in result.history]
+        trainer = Trainer(build_model(cfg, num_classes=NUM_CLASSES), train, None, config, epochs=epochs,
+                          num_classes=NUM_CLASSES, mean=mean, std=std, seed=0, device=device)
+        epoch_s[mode] = [float(trainer.run_epoch()["train_time_s"]) for _ in range(epochs)]
+        used[mode] = f"{trainer.fast_path.mode} ({trainer.fast_path.reason})"
+    steady = {m: statistics.median(v[1:]) for m, v in epoch_s.items()}
+    per_mode: dict[str, dict[str, Any]] = {}
+    for mode in modes:
+        gain_s = steady["eager"] - steady[mode]  # per epoch, once set up
+        overhead_s = epoch_s[mode][0] - epoch_s["eager"][0]  # compilation or warm-up + capture, beyond eager's
+        per_mode[mode] = {"ran_as": used[mode], "epoch_s": epoch_s[mode], "steady_epoch_s": steady[mode],
+                          "steady_speedup": steady["eager"] / steady[mode], "setup_overhead_s": overhead_s,
+                          "break_even_epochs": overhead_s / gain_s if gain_s > 0 and mode != "eager" else None}
+        be = per_mode[mode]["break_even_epochs"]
+        per_mode[mode]["break_even_images"] = be * opts.epoch_images if be is not None else None
+
     augment = build_augment(SEED_AUGMENT, mean=mean, std=std, num_classes=NUM_CLASSES)
     xb = train.x[: opts.batch_size]
     draws = augment.draw(torch.Generator(device=device).manual_seed(0), len(xb), xb.shape[1], device)
-    t0 = time.perf_counter()
-    dense = torch.compile(augment.dense, dynamic=False)
-    dense(xb, draws)
-    _sync(device)
-    augment_compile_s = time.perf_counter() - t0
-
+    dense = torch.compile(augment.dense, dynamic=False)  # already compiled by the compiled run: no compile time here
     def per_batch_ms(fn: Callable[[torch.Tensor, Any], torch.Tensor], reps: int = 20) -> float:
         fn(xb, draws)
         _sync(device)
@@ -657,26 +667,15 @@ def compile_vs_eager(opts: BenchOptions, epochs: int = 3, out: Callable[[str], N
         _sync(device)
         return (time.perf_counter() - t) / reps * 1e3
 
-    aug_ms = {"eager": [], "compiled": []}
+    aug_ms: dict[str, list[float]] = {"eager": [], "compiled": []}
     for _ in range(opts.rounds):  # interleaved: the machine may be shared
         aug_ms["eager"].append(per_batch_ms(augment.dense))
         aug_ms["compiled"].append(per_batch_ms(dense))
-    eager_s = statistics.median(runs["eager"])
-    steady_s = statistics.median(runs["compiled"][1:])
-    gain_s = eager_s - steady_s
-    overhead_s = runs["compiled"][0] - steady_s
-    report = {
-        "epoch_images": opts.epoch_images, "epochs": epochs, "eager_epoch_s": runs["eager"],
-        "compiled_epoch_s": runs["compiled"], "compile_overhead_s": overhead_s,
-        "steady_speedup": eager_s / steady_s,
-        "break_even_epochs": overhead_s / gain_s if gain_s > 0 else None,
-        "break_even_images": overhead_s / gain_s * opts.epoch_images if gain_s > 0 else None,
-        "augment_dense_ms": {k: statistics.median(v) for k, v in aug_ms.items()},
-        "augment_compile_s": augment_compile_s,
-    }
-    out(f"compiled vs eager ({opts.model}): first compiled epoch {runs['compiled'][0]:.1f} s, steady "
-        f"{steady_s:.2f} s vs eager {eager_s:.2f} s per {opts.epoch_images} images; augmentation "
-        f"{report['augment_dense_ms']['eager']:.1f} -> {report['augment_dense_ms']['compiled']:.1f} ms per batch")
+    report = {"epoch_images": opts.epoch_images, "epochs": epochs, "modes": per_mode,
+              "augment_dense_ms": {k: statistics.median(v) for k, v in aug_ms.items()}}
+    out(f"fast paths ({opts.model}, {opts.epoch_images} images per epoch): "
+        + "; ".join(f"{m} epochs {', '.join(f'{v:.2f}' for v in r['epoch_s'])} s" for m, r in per_mode.items())
+        + f"; augmentation {report['augment_dense_ms']['eager']:.1f} -> {report['augment_dense_ms']['compiled']:.1f} ms/batch")
     return report
 
 
@@ -686,7 +685,7 @@ def run_bench(opts: BenchOptions, out: Callable[[str], None] = print) -> dict[st
     report["ops"] = measure_ops(opts, out)
     report["ops_per_step"] = report["ops"]["ops_per_step"]
     if opts.only_ops:
-        report.update(threads=torch.get_num_threads(), rows={}, ratios={}, targets=[])
+        report.update(threads=opts.threads or torch.get_num_threads(), rows={}, ratios={}, targets=[])
         if opts.compile:
             report["compile_vs_eager"] = compile_vs_eager(opts, out=out)
         return report
@@ -750,7 +749,7 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
     env = report["env"]
     gpu = f", {env['gpu']} (driver {env.get('driver')}, CUDA {env.get('cuda')})" if "gpu" in env else ""
     lines = [f"model `{o['model']}`, device {o['device']}{gpu}, batch {o['batch_size']}, {report['threads']} torch threads "
-             f"for rows a-d, {o['epoch_images']} images per epoch, median of {o['rounds']} interleaved rounds; "
+             f"for {'the fast-path runs' if o.get('only_ops') else 'rows a-d'}, {o['epoch_images']} images per epoch, median of {o['rounds']} interleaved rounds; "
              f"torch {env['torch']}, {env['cores']} cores", ""]
     if "ops" in report:
         ops = report["ops"]
@@ -763,16 +762,16 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
         lines += [f"| total | {sum(ops['ops_per_step'].values())} | {sum(ops['views_per_step'].values())} | |", ""]
     if "compile_vs_eager" in report:
         c = report["compile_vs_eager"]
-        lines += [f"`fast_path` eager vs compiled, fit epochs of {c['epoch_images']} images (compiled epoch 1 "
-                  "includes the compilation):", "", "| | eager | compiled |", "|---|---|---|",
-                  f"| epoch times (s) | {', '.join(f'{v:.2f}' for v in c['eager_epoch_s'])} | "
-                  f"{', '.join(f'{v:.2f}' for v in c['compiled_epoch_s'])} |",
-                  f"| augmentation alone (dense stages), ms per batch | {c['augment_dense_ms']['eager']:.2f} | "
-                  f"{c['augment_dense_ms']['compiled']:.2f} |", "",
-                  "| compiled | value |", "|---|---:|"]
-        lines += [f"| {k} | {_fmt(c.get(k))} |" for k in ("compile_overhead_s", "steady_speedup", "break_even_epochs",
-                                                          "break_even_images", "augment_compile_s")]
-        lines.append("")
+        lines += [f"`train.fast_path` modes, epochs of {c['epoch_images']} images (epoch 1 includes the compilation "
+                  "or the capture); one-off cost = epoch 1 minus eager's epoch 1:", "",
+                  "| mode | ran as | epoch times (s) | steady speedup | one-off cost (s) | break-even (epochs) "
+                  "| break-even (images) |", "|---|---|---|---:|---:|---:|---:|"]
+        lines += [f"| {m} | {r['ran_as']} | {', '.join(f'{v:.2f}' for v in r['epoch_s'])} | {_fmt(r['steady_speedup'])} "
+                  f"| {_fmt(r['setup_overhead_s'])} | {_fmt(r['break_even_epochs'])} | {_fmt(r['break_even_images'], 0)} |"
+                  for m, r in c["modes"].items()]
+        lines += ["", f"augmentation alone (dense stages, batch {o['batch_size']}): eager "
+                  f"{c['augment_dense_ms']['eager']:.2f} ms, compiled {c['augment_dense_ms']['compiled']:.2f} ms per "
+                  f"batch, median of {o['rounds']} interleaved rounds of 20 batches", ""]
     if o.get("only_ops"):
         return "\n".join(lines) + "\n"
     if o.get("only_policies"):  # rows a-d did not run: describe row f's setting instead
