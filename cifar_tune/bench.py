@@ -622,11 +622,12 @@ def measure_ops(opts: BenchOptions, out: Callable[[str], None] = print) -> dict[
             "optimizer": OPTIMIZER, "device": str(device)}
 
 
-def compile_vs_eager(opts: BenchOptions, epochs: int = 3, out: Callable[[str], None] = print) -> dict[str, Any]:
-    """Each ``fast_path`` mode that can run here (eager, compiled; cuda_graphs on CUDA), one after the
-    other on the same data and seed: epoch times (epoch 1 includes the compilation or the capture), the
-    one-off cost and per-epoch saving against eager, the break-even point; and the augmentation's pixel
-    work alone (``BatchAugment.dense`` on fixed draws), eager vs compiled, per batch."""
+def compile_vs_eager(opts: BenchOptions, epochs: int = 4, out: Callable[[str], None] = print) -> dict[str, Any]:
+    """Each ``fast_path`` mode that can run here (eager, compiled; cuda_graphs on CUDA) on the same data
+    and seed, epochs interleaved round by round (mode A epoch 1, mode B epoch 1, A epoch 2, ...: a shared
+    machine's slow spells hit all modes): epoch times (epoch 1 includes the compilation or the capture),
+    the one-off cost and per-epoch saving against eager, the break-even point; and the augmentation's
+    pixel work alone (``BatchAugment.dense`` on fixed draws), eager vs compiled, per batch."""
     device = torch.device(opts.device)
     torch.set_num_threads(opts.threads or torch.get_num_threads())
     cfg = model_config(opts.model)
@@ -634,15 +635,17 @@ def compile_vs_eager(opts: BenchOptions, epochs: int = 3, out: Callable[[str], N
     mean, std = _channel_stats(x)
     train = Split(x.to(device), y.to(device))
     modes = ("eager", "compiled", "cuda_graphs") if device.type == "cuda" else ("eager", "compiled")
-    epoch_s: dict[str, list[float]] = {}
-    used: dict[str, str] = {}
+    trainers = {}
     for mode in modes:
         config = {"model": cfg, "optimizer": OPTIMIZER, "schedule": {"name": "none"}, "augment": SEED_AUGMENT,
                   "train": {"batch_size": opts.batch_size, "fast_path": mode}}
-        trainer = Trainer(build_model(cfg, num_classes=NUM_CLASSES), train, None, config, epochs=epochs,
-                          num_classes=NUM_CLASSES, mean=mean, std=std, seed=0, device=device)
-        epoch_s[mode] = [float(trainer.run_epoch()["train_time_s"]) for _ in range(epochs)]
-        used[mode] = f"{trainer.fast_path.mode} ({trainer.fast_path.reason})"
+        trainers[mode] = Trainer(build_model(cfg, num_classes=NUM_CLASSES), train, None, config, epochs=epochs,
+                                 num_classes=NUM_CLASSES, mean=mean, std=std, seed=0, device=device)
+    epoch_s: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(epochs):
+        for mode, trainer in trainers.items():
+            epoch_s[mode].append(float(trainer.run_epoch()["train_time_s"]))
+    used = {mode: f"{t.fast_path.mode} ({t.fast_path.reason})" for mode, t in trainers.items()}
     steady = {m: statistics.median(v[1:]) for m, v in epoch_s.items()}
     per_mode: dict[str, dict[str, Any]] = {}
     for mode in modes:

@@ -22,12 +22,21 @@ class OpCounter(TorchDispatchMode):
         super().__init__()
         self.ops: Counter[str] = Counter()
         self.views = 0  # ops that only alias their input (no kernel)
+        # ops that take a host tensor (not a 0-dim scalar) and produce one on another device: a host-to-device
+        # copy inside the step (pageable unless pinned; a CUDA graph cannot capture it)
+        self.host_inputs: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.ops[str(func.overloadpacket)] += 1
+        name = str(func.overloadpacket)
+        self.ops[name] += 1
         if func.is_view:
             self.views += 1
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        flat_in = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+        if any(isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dim() > 0 for t in flat_in) and any(
+                isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in torch.utils._pytree.tree_leaves(out)):
+            self.host_inputs[name] += 1
+        return out
 
     @property
     def total(self) -> int:
@@ -53,4 +62,5 @@ def step_ops(trainer: Trainer, warmup_steps: int = 1) -> dict[str, Any]:
         "ops_per_step": {k: c.total for k, c in counters.items()},
         "views_per_step": {k: c.views for k, c in counters.items()},
         "top_ops": {k: dict(c.ops.most_common(8)) for k, c in counters.items()},
+        "host_to_device_per_step": {k: sum(c.host_inputs.values()) for k, c in counters.items()},
     }

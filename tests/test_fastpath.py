@@ -33,7 +33,9 @@ def _trainer(fast_path: str, *, optimizer: str = "sgd", schedule: str = "none", 
              device: str = "cpu", epochs: int = 1, n: int = 64) -> Trainer:
     config = {"model": TINY_MODEL, "optimizer": {"name": optimizer, "lr": 0.01},
               "schedule": {"name": schedule}, "augment": bench.SEED_AUGMENT if augment is None else augment,
-              "train": {"batch_size": 16, "fast_path": fast_path}}
+              # fp32: modes are compared with each other, bf16 rounding would hide small differences
+              "train": {"batch_size": 16, "fast_path": fast_path, "precision": "fp32"}}
+    torch.manual_seed(0)  # the same initial weights in every mode
     model = build_model(TINY_MODEL, num_classes=4, image_size=16)
     return Trainer(model, _data(n, device=device), None, config, epochs=epochs, num_classes=4, mean=MEAN, std=STD,
                    seed=0, device=device)
@@ -131,6 +133,16 @@ def test_op_counter_sees_forward_backward_and_optimizer() -> None:
     assert both.total > 2 * forward.total
 
 
+def test_op_counter_flags_host_tensors_flowing_to_another_device() -> None:
+    """What strict_sync cannot see: a non-blocking host-to-device copy of a host constant. The meta device
+    stands in for CUDA here (same dispatch, no GPU)."""
+    with OpCounter() as c:
+        a = torch.ones(4, device="meta")
+        a + torch.tensor(2.0)  # a 0-dim host tensor is a scalar argument, not a copy
+        torch.tensor([1.0, 2.0, 3.0, 4.0]).to("meta", non_blocking=True)
+    assert dict(c.host_inputs) == {"aten._to_copy": 1}
+
+
 def test_bench_reports_ops_per_step_and_the_seed_augmentation_is_within_budget() -> None:
     """The seed-000 recipe's augmentation: at most 220 dispatched ops per batch (548 before the colour
     jitter became blend passes and one hue pass)."""
@@ -214,3 +226,15 @@ def test_cuda_graphs_recapture_after_loading_a_state() -> None:
     assert t._graph is None
     t.run_epoch()
     assert t._graph is not None and t._graph is not first and t.fast_path.mode == "cuda_graphs"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_step_makes_no_host_to_device_copy_and_counts_as_on_cpu() -> None:
+    """The step on CUDA: no host tensor flows into it (what a CUDA graph could not capture and strict_sync
+    does not see), and the augmentation dispatches the same ops as on CPU (one code path)."""
+    from cifar_tune.opcount import step_ops
+
+    on_gpu, on_cpu = step_ops(_trainer("eager", device="cuda")), step_ops(_trainer("eager"))
+    assert on_gpu["host_to_device_per_step"] == {"augment": 0, "model": 0, "optimizer": 0}
+    assert on_gpu["ops_per_step"]["augment"] == on_cpu["ops_per_step"]["augment"]
