@@ -19,6 +19,9 @@ all geometric ops compose into one affine map and one ``grid_sample`` call; colo
 blends and an HSV hue shift on the whole batch.
 
 Randomness comes only from the ``torch.Generator`` passed in, so a batch is reproducible from its seed.
+Without a policy, ``BatchAugment.draw`` makes all of a batch's geometric and colour draws before any pixel
+work and ``BatchAugment.dense`` is a pure function of the batch and those draws: the part that
+``torch.compile`` fuses and a CUDA graph replays (``train.fast_path``).
 """
 
 import math
