@@ -187,7 +187,8 @@ class Trainer:
         schedule_name = str(config.get("schedule", {"name": "none"}).get("name", "none"))
         graph_reason = fastpath.graph_blocker(self.device, self.gen, self.optimizer, schedule_name, self.augment.split)
         self.fast_path: Decision = fastpath.choose(self.opts.fast_path, self.device, self.epochs * steps_per_epoch, graph_reason)
-        log.info("fast path %s (%s)", self.fast_path.mode, self.fast_path.reason)
+        fell_back = self.opts.fast_path not in ("auto", self.fast_path.mode)  # asked for a mode that cannot run here
+        (log.warning if fell_back else log.info)("fast path %s (%s)", self.fast_path.mode, self.fast_path.reason)
         compiled = self.fast_path.mode == "compiled"
         self.step_model = torch.compile(self.model) if self.opts.compile or compiled else self.model
         # the augmentation's pixel work compiled; its random draws stay eager (BatchAugment.draw)
