@@ -19,6 +19,9 @@ of a pixel-number plane on torchvision's grid and a gather (nearest) or one bili
 blends and an HSV hue shift on the whole batch.
 
 Randomness comes only from the ``torch.Generator`` passed in, so a batch is reproducible from its seed.
+Without a policy, ``BatchAugment.draw`` makes all of a batch's geometric and colour draws before any pixel
+work and ``BatchAugment.dense`` is a pure function of the batch and those draws: the part that
+``torch.compile`` fuses and a CUDA graph replays (``train.fast_path``).
 """
 
 import math
@@ -430,136 +433,132 @@ def gray(x: torch.Tensor) -> torch.Tensor:
     return (r * GRAY_WEIGHTS[0] + g * GRAY_WEIGHTS[1] + b * GRAY_WEIGHTS[2]).unsqueeze(1)
 
 
-_SEXTANT_OFFSETS = (5.0, 3.0, 1.0)  # R, G, B in the closed-form HSV -> RGB
+_CONSTANTS: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def _constant(name: str, values: Sequence[float], device: torch.device) -> torch.Tensor:
+    """A small constant [1, C, 1, 1] kept per device: built once, so a batch makes no host-to-device copy
+    (a copy per batch would be a pageable transfer, and could not be captured in a CUDA graph)."""
+    key = (name, str(device))
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1).to(device)
+    return _CONSTANTS[key]
 
 
 def hue_shift(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     """torchvision's ``adjust_hue`` per image: RGB -> HSV, hue + ``turns`` [B] (mod 1), -> RGB.
 
     Works on any non-negative scale (0..1 or 0..255): HSV's hue and saturation are scale-free and V is
-    the channel maximum. HSV -> RGB uses the closed form ``c = V - V S max(0, min(k, 4 - k, 1))`` with
-    ``k = (n + 6 H) mod 6``, which equals torchvision's sextant table without its gather.
-
-    Written in arithmetic only: on CPU, ``torch.where`` and comparisons into bool masks run
-    unvectorised (a ``where`` costs ~25 arithmetic passes), so the channel holding the maximum is
-    ``1 - sign(max - channel)`` and the wrap of k is a second clamped term instead of a ``where``.
+    the channel maximum. Written as few whole-batch ops (each op is a kernel launch and ~5-8 us of host
+    time on a GPU): with ``k`` the channel holding the maximum V, the hue in sextants is
+    ``2 k + (x[k+1] - x[k+2]) / chroma`` (channels mod 3; at ties the candidates agree), and HSV -> RGB
+    is the closed form ``channel = V - chroma * clamp(min(m, 4 - m), 0, 1)``, ``m = (n + 6 H) mod 6``
+    with n = 5, 3, 1 for R, G, B, which equals torchvision's sextant table.
     """
-    # contiguous channel planes [B, H, W]: elementwise ops on strided channel views are several times slower
-    r, g, b = x.transpose(0, 1).contiguous().unbind(0)
-    maxc, minc = torch.maximum(torch.maximum(r, g), b), torch.minimum(torch.minimum(r, g), b)
-    chroma = maxc - minc  # = V * S
-    # 1 where the maximum is red, else 1 where it is green (red wins ties, then green, as in torchvision)
-    is_r = torch.sign(maxc - r).neg_().add_(1.0)
-    is_g = torch.sign(maxc - g).neg_().add_(1.0).mul_(1.0 - is_r)
-    h6 = (g - b).mul_(is_r)
-    h6 += (b - r).add_(chroma, alpha=2.0).mul_(is_g)
-    h6 += (r - g).add_(chroma, alpha=4.0).mul_((1.0 - is_r).sub_(is_g))
-    # hue in sextants (a gray pixel has chroma 0 and h6 0: any finite divisor), shifted, wrapped to [0, 6)
-    h6 = h6.div_(chroma + 1e-30).add_(6.0 * turns.view(-1, 1, 1))
-    h6 = h6.sub_(torch.floor(h6 * (1.0 / 6.0)).mul_(6.0))
-    out = torch.empty_like(x)
-    for i, offset in enumerate(_SEXTANT_OFFSETS):  # R, G, B
-        k = h6 + offset  # in [1, 11): at most one more wrap, k - 6 on [6, 11)
-        f = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0).add_(torch.minimum(k - 6.0, 10.0 - k).clamp_(0.0, 1.0))
-        torch.sub(maxc, f.mul_(chroma), out=out[:, i])
-    return out
-
-
-def _jitter_order(g: torch.Generator, n: int, ops: int, hue: int | None,
-                  device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Per-image op orders [n, ops] (op index at each position) and, per position, the images whose op
-    there is hue (index tensors whose sizes the host knows: no sync to split the batch).
-
-    Each image's order is a uniform random permutation, as in torchvision. The one liberty: the hue
-    positions are spread evenly over the batch (``n / ops`` images each, which images is random) rather
-    than drawn independently per image, so the costly hue kernel runs once per image on a known-size
-    slice instead of on the whole batch at every position.
-    """
-    rest = torch.rand(n, ops - (hue is not None), generator=g, device=g.device).argsort(1)
-    if hue is None:
-        return rest.to(device, non_blocking=True), []
-    by_position = torch.randperm(n, generator=g, device=g.device)  # images by hue position
-    sizes = [n // ops + (p < n % ops) for p in range(ops)]
-    hue_pos = torch.empty(n, dtype=torch.long, device=g.device)
-    # the j-th image of by_position sits at position j // (q + 1) among the first r * (q + 1) (the
-    # positions of size q + 1), after that at r + (j - r * (q + 1)) // q: computed on the device from
-    # Python ints, so no host tensor is made and copied per batch (a pageable copy on CUDA, which a
-    # CUDA graph cannot capture)
-    q, r = divmod(n, ops)
-    j = torch.arange(n, device=g.device)
-    hue_pos[by_position] = torch.where(j < r * (q + 1), j // (q + 1), r + (j - r * (q + 1)) // max(q, 1))
-    pos = torch.arange(ops, device=g.device).expand(n, ops)
-    others = torch.arange(ops - 1, device=g.device)
-    others = others + (others >= hue).long()  # the op indices other than hue, in order
-    skip_hue = pos - (pos > hue_pos[:, None]).long()  # position among the non-hue ops
-    order = torch.where(pos == hue_pos[:, None], hue, others[rest.gather(1, skip_hue.clamp(max=ops - 2))]) if ops > 1 \
-        else torch.full((n, 1), hue, device=g.device)
-    hue_images = list(by_position.to(device, non_blocking=True).split(sizes))
-    return order.to(device, non_blocking=True), hue_images
+    maxc, k = x.max(dim=1, keepdim=True)
+    chroma = maxc - x.amin(dim=1, keepdim=True)
+    # (x[k+1] - x[k+2]) at the max channel k; a gray pixel has chroma 0 and difference 0 (any finite divisor)
+    h6 = (x.roll(-1, 1) - x.roll(-2, 1)).gather(1, k).div_(chroma + 1e-30)
+    h6 = h6.add_(k, alpha=2).add_(turns.view(-1, 1, 1, 1), alpha=6.0)
+    m = torch.remainder(h6 + _constant("hue_offsets", (5.0, 3.0, 1.0), x.device), 6.0)
+    return torch.addcmul(maxc, torch.minimum(m, 4.0 - m).clamp_(0.0, 1.0), chroma, value=-1.0)
 
 
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue")
 
 
-def _color_jitter(op: ColorJitter, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """torchvision's ColorJitter on a float batch in 0..255 (modified in place where possible).
+def jitter_names(op: ColorJitter, channels: int) -> list[str]:
+    """The jitter ops that act: nonzero, and for 1-channel images only brightness and contrast
+    (saturation and hue do nothing to gray images, as in torchvision)."""
+    return [k for k in JITTER_OPS if getattr(op, k) > 0 and (channels == 3 or k in ("brightness", "contrast"))]
 
-    As ``transforms.v2.ColorJitter``: each image draws its own brightness, contrast and saturation
-    factors (uniform in [max(0, 1 - v), 1 + v]) and hue shift (uniform in [-hue, hue]) and applies the
-    ops in its own random order (:func:`_jitter_order`). Saturation and hue do nothing to 1-channel
-    images, as in torchvision, so they are left out there.
+
+def _jitter_draw(op: ColorJitter, n: int, channels: int, g: torch.Generator,
+                 device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
+    """Per-image factors ([n] per op, torchvision's ranges) and op orders [n, ops]; None if nothing acts.
+
+    Each image's order is a uniform random permutation, drawn independently per image as torchvision's
+    ``ColorJitter`` does (``random_order: false``: brightness, contrast, saturation, hue for every image).
     """
-    n, c = x.shape[:2]
-    dev = x.device
-    names = [k for k in JITTER_OPS if getattr(op, k) > 0 and (c == 3 or k in ("brightness", "contrast"))]
+    names = jitter_names(op, channels)
     if not names:
-        return x
-    factors = {k: (_rand(g, n, dev, -op.hue, op.hue) if k == "hue" else _factors(g, n, getattr(op, k), dev).view(n))
+        return None
+    factors = {k: (_rand(g, n, device, -op.hue, op.hue) if k == "hue" else _factors(g, n, getattr(op, k), device).view(n))
                for k in names}
-    hue = names.index("hue") if "hue" in names else None
     if op.random_order:
-        order, hue_images = _jitter_order(g, n, len(names), hue, dev)
-    else:  # brightness, contrast, saturation, hue for every image
-        order = torch.arange(len(names), device=dev).expand(n, len(names))
-        hue_images = [torch.arange(n if k == "hue" else 0, device=dev) for k in names]
-    return apply_jitter(x, names, factors, order, hue_images)
+        order = torch.rand(n, len(names), generator=g, device=g.device).argsort(1).to(device, non_blocking=True)
+    else:
+        order = torch.arange(len(names), device=device).expand(n, len(names))
+    return factors, order
+
+
+def _color_jitter(op: ColorJitter, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """torchvision's ColorJitter on a float batch in 0..255 (modified in place where possible): each image
+    draws its own factors and op order (:func:`_jitter_draw`), then :func:`apply_jitter`."""
+    drawn = _jitter_draw(op, x.shape[0], x.shape[1], g, x.device)
+    if drawn is None:
+        return x
+    factors, order = drawn
+    return apply_jitter(x, jitter_names(op, x.shape[1]), factors, order, random_order=op.random_order)
 
 
 def apply_jitter(x: torch.Tensor, names: Sequence[str], factors: Mapping[str, torch.Tensor], order: torch.Tensor,
-                 hue_images: Sequence[torch.Tensor]) -> torch.Tensor:
+                 *, random_order: bool = True) -> torch.Tensor:
     """Image ``i`` applies ``names[order[i, 0]]``, then ``names[order[i, 1]]``, ... with its factor
-    ``factors[name][i]``, clamping to [0, 255] after each op, with torchvision's kernels
-    (``adjust_brightness/contrast/saturation/hue``); ``hue_images[p]``: the images whose op at
-    position ``p`` is hue. ``x``: float [B, C, H, W] in 0..255.
+    ``factors[name][i]``, clamping to [0, 255] after each op, as torchvision's kernels
+    (``adjust_brightness/contrast/saturation/hue``) do. ``x``: float [B, C, H, W] in 0..255.
+    ``random_order: false`` promises ``order`` is ``names``' order for every image (fewer passes).
 
-    Batched without a host sync: at each position, brightness, contrast and saturation are all blends
-    ``f x + (1 - f) target`` (target 0, the image's mean gray, the pixel's gray), done as one blend with
-    per-image ``f`` and target (``f = 1`` for an image whose op there is hue: x stays exact); hue runs
-    on the slice of images whose op it is there.
+    Few, whole-batch ops (no Python loop over images, no host sync, no per-batch host constants):
+
+    * brightness, contrast and saturation are each ``f x + (1 - f) target`` with target 0, the image's
+      mean gray, the pixel's gray. So one *blend pass* ``a x + b gray(x) + c mean(gray(x))`` with
+      per-image coefficients (a, b, c) applies any of them, or the identity (1, 0, 0, exact), to every
+      image at once; the coefficients of every pass come from one gather out of a per-image table.
+    * hue runs once, on the whole batch: images are aligned at their hue op. Image ``i`` with hue at
+      position ``k_i`` does its ``k_i`` earlier ops in the ``k_i`` blend passes just before the hue pass
+      and the rest in the passes just after (identity elsewhere): with 4 ops, 3 + hue + 3 passes instead
+      of 4 blend passes plus a hue pass per position.
     """
     n, c = x.shape[:2]
     dev = x.device
-    blends = [k for k in names if k != "hue"]
-    ones = torch.ones(n, 1, 1, 1, device=dev)
-    for pos in range(len(names)):
-        hue_here = hue_images[pos] if hue_images else None
-        if blends and not (hue_here is not None and hue_here.numel() == n):
-            is_op = {k: (order[:, pos] == names.index(k)).view(n, 1, 1, 1) for k in blends}
-            f = ones
-            for k in blends:
-                f = torch.where(is_op[k], factors[k].view(n, 1, 1, 1), f)
-            # torchvision's _blend: ratio * x + (1 - ratio) * target, clamped (one fused multiply-add)
-            if "contrast" in is_op or "saturation" in is_op:
-                gx = gray(x) if c == 3 else x
-                target = gx.mean(dim=(1, 2, 3), keepdim=True) * is_op["contrast"] if "contrast" in is_op \
-                    else torch.zeros_like(f)
-                if "saturation" in is_op:  # the pixel's gray for saturation images (no full-size where: slow on CPU)
-                    target = gx * is_op["saturation"].float() + target
-                x = torch.addcmul(target * (1 - f), x, f).clamp_(0, 255)
-            else:
-                x = x.mul_(f).clamp_(0, 255)
-        if hue_here is not None and hue_here.numel():
-            x = x.index_copy_(0, hue_here, hue_shift(x.index_select(0, hue_here), factors["hue"].index_select(0, hue_here)))
+    ops = len(names)
+    hue = names.index("hue") if "hue" in names else None
+    ones = torch.ones(n, device=dev)
+    zeros = torch.zeros(n, device=dev)
+    # table [n, ops + 1, 3]: (a, b, c) of each op per image; the extra last row is the identity
+    a = [ones if k == "hue" else factors[k] for k in names] + [ones]
+    rest = {k: 1 - factors[k] for k in names if k in ("contrast", "saturation")}
+    b = [rest["saturation"] if k == "saturation" else zeros for k in names] + [zeros]
+    cc = [rest["contrast"] if k == "contrast" else zeros for k in names] + [zeros]
+    table = torch.stack([torch.stack(a, 1), torch.stack(b, 1), torch.stack(cc, 1)], 2)
+    if hue is None:
+        before, after, slot_op = ops, 0, order  # one blend pass per position
+    else:
+        k = (order == hue).to(torch.uint8).argmax(1)  # each image's hue position
+        before = ops - 1  # passes before the hue pass: enough for an image whose hue is last
+        after = ops - 1 - names.index("hue") if not random_order else ops - 1  # fixed order: hue is last
+        # pass s (s < before: before hue; s >= before: after it) applies the op at position s - before + k_i
+        # (after the hue pass: s + 1 - before + k_i); outside 0..ops-1 it is the identity
+        shift = torch.cat([torch.arange(before, device=dev) - before, torch.arange(after, device=dev) + 1])
+        pos = shift[None, :] + k[:, None]
+        inside = (pos >= 0) & (pos < ops)
+        slot_op = torch.where(inside, order.gather(1, pos.clamp(0, ops - 1)), ops)
+    coeffs = table.gather(1, slot_op[:, :, None].expand(n, slot_op.shape[1], 3))  # [n, passes, 3]
+    passes = coeffs.permute(1, 2, 0).reshape(-1, 3, n, 1, 1, 1).unbind(0)
+    need_gray = "saturation" in names or "contrast" in names
+    for s, (fa, fb, fc) in enumerate(p.unbind(0) for p in passes):
+        if hue is not None and s == before:
+            x = hue_shift(x, factors["hue"])
+        if need_gray:
+            gx = (x * _constant("gray", GRAY_WEIGHTS, dev)).sum(1, keepdim=True) if c == 3 else x
+            # torchvision's _blend: ratio * x + (1 - ratio) * target, clamped
+            target = gx * fb if "contrast" not in names else torch.addcmul(gx.mean(dim=(2, 3), keepdim=True) * fc, gx, fb)
+            x = torch.addcmul(target, x, fa).clamp_(0, 255)
+        else:
+            x = x.mul_(fa).clamp_(0, 255)
+    if hue is not None and before == len(passes):  # hue is the last op of every image
+        x = hue_shift(x, factors["hue"])
     return x
 
 
@@ -711,10 +710,43 @@ class BatchAugment:
             self._params[key] = _channel_params(self.mean, self.std, device, 255.0)
         return self._params[key]
 
-    def __call__(self, x_uint8: torch.Tensor, y: torch.Tensor,
-                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def split(self) -> bool:
+        """Whether every random draw can happen before the pixel work (:meth:`draw`, then :meth:`dense`, a
+        pure function of the batch and the draws that ``torch.compile`` or a CUDA graph can take whole).
+        Not with a policy: its per-image op draws sit between the geometric and colour stages."""
+        return not self._policies
+
+    def draw(self, g: torch.Generator, batch: int, channels: int, device: torch.device) -> dict[str, Any]:
+        """The geometric and colour draws of one batch (tensors on ``device``), in the order ``__call__``
+        makes them, so the split path gives the same batch from the same generator state."""
+        out: dict[str, Any] = self._geometry.draw(g, batch, device) if self._geometry is not None else {}
+        if self._jitter is not None and (drawn := _jitter_draw(self._jitter, batch, channels, g, device)) is not None:
+            out["jitter_factors"], out["jitter_order"] = drawn
+        return out
+
+    def dense(self, x_uint8: torch.Tensor, draws: Mapping[str, Any]) -> torch.Tensor:
+        """Geometry, colour jitter and normalisation of a uint8 batch with the given draws; no randomness."""
+        x = x_uint8
+        if self._geometry is not None:
+            x = self._geometry._rotate(x, draws) if "angle" in draws else self._geometry._gather(x, draws)
+        x = x.to(torch.float32)  # a copy for uint8 input, so in-place ops below never touch the caller's batch
+        if "jitter_order" in draws:
+            assert self._jitter is not None
+            x = apply_jitter(x, jitter_names(self._jitter, x.shape[1]), draws["jitter_factors"], draws["jitter_order"],
+                             random_order=self._jitter.random_order)
+        a, b = self._norm_params(x.device)
+        return x.mul_(a).add_(b)
+
+    def __call__(self, x_uint8: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
+                 dense: Callable[[torch.Tensor, Mapping[str, Any]], torch.Tensor] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``dense``: a stand-in for :meth:`dense` (its compiled version); used where :attr:`split`."""
         if x_uint8.dtype != torch.uint8 or x_uint8.dim() != 4 or x_uint8.shape[1] != len(self.mean):
             raise ValueError(f"expected uint8 [B, {len(self.mean)}, H, W], got {x_uint8.dtype} {tuple(x_uint8.shape)}")
+        if self.split:
+            x = (dense or self.dense)(x_uint8, self.draw(generator, x_uint8.shape[0], x_uint8.shape[1], x_uint8.device))
+            return self._tail(x, y, generator)
         x = self._geometry(x_uint8, generator) if self._geometry is not None else x_uint8
         if self._policies:
             if x.dtype != torch.uint8:  # rotated: the policies work on uint8, as torchvision's do
@@ -725,7 +757,10 @@ class BatchAugment:
         x = x.to(torch.float32)  # a copy for uint8 input, so in-place ops below never touch the caller's batch
         if self._jitter is not None:
             x = _color_jitter(self._jitter, x, generator)
-        x = x.mul_(a).add_(b)
+        return self._tail(x.mul_(a).add_(b), y, generator)
+
+    def _tail(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Erasing and mixing on the normalised batch (their draws come after the dense stages' draws)."""
         for erase in self._erasers:
             x = erase(x, generator)
         if self._mixer is not None:

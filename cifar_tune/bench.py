@@ -41,7 +41,7 @@ from cifar_tune.devices import keep_host_memory
 from cifar_tune.models import build_model
 from cifar_tune.optim import build_optimizer
 from cifar_tune.spec import SyntheticSpec
-from cifar_tune.train import TrainOptions, _autocast, fit, prepare_model
+from cifar_tune.train import Trainer, TrainOptions, _autocast, fit, prepare_model
 
 # seed 000's recipe: flip, crop pad 4, colour jitter incl. hue, rotation 15 degrees
 SEED_AUGMENT: dict[str, Any] = {
@@ -96,7 +96,8 @@ class BenchOptions:
     search_epochs: int = 4  # ASHA max_epochs (grace 1, reduction factor 2)
     search_epoch_s: float = 1.0  # size the search's data set so an epoch takes about this long
     search_images: int | None = None  # override: training images of the search (None: from search_epoch_s)
-    compile: bool = False  # also time fit with torch.compile: compile time and steady-state speed (row b_compiled)
+    compile: bool = False  # also time fit with fast_path compiled: compile time and steady-state speed
+    only_ops: bool = False  # ATen ops per step only (no timing rows, no search)
 
 
 @dataclass
@@ -192,9 +193,10 @@ def fit_images_per_s(model: nn.Module, train: Split, config: dict[str, Any], mea
 
 def compile_cost(cfg: dict[str, Any], train: Split, config: dict[str, Any], mean: tuple[float, ...],
                  std: tuple[float, ...], device: torch.device, epochs: int = 3) -> dict[str, float]:
-    """fit with ``train.compile: true``: the first epoch pays the compilation; later ones show its gain."""
+    """fit with ``train.fast_path: compiled`` (augmentation and model): the first epoch pays the
+    compilation; later ones show its gain."""
     model = build_model(cfg, num_classes=NUM_CLASSES)
-    compiled = {**config, "train": {**config["train"], "compile": True}}
+    compiled = {**config, "train": {**config["train"], "fast_path": "compiled"}}
     result = fit(model, train, None, compiled, epochs=epochs, num_classes=NUM_CLASSES, mean=mean, std=std,
                  seed=0, device=device)
     first, rest = result.history[0], result.history[1:]
@@ -599,9 +601,97 @@ def _target_checks(model: str, ratios: dict[str, float], search: dict[str, Any] 
     return checks
 
 
+def measure_ops(opts: BenchOptions, out: Callable[[str], None] = print) -> dict[str, Any]:
+    """ATen ops of one eager training step (cifar_tune.opcount): seed 000's augmentation, this run's
+    model and batch size, SGD with momentum, on this run's device."""
+    from cifar_tune.opcount import step_ops
+
+    device = torch.device(opts.device)
+    cfg = model_config(opts.model)
+    x, y = synthetic_images(2 * opts.batch_size)
+    mean, std = _channel_stats(x)
+    config = {"model": cfg, "optimizer": OPTIMIZER, "schedule": {"name": "none"}, "augment": SEED_AUGMENT,
+              "train": {"batch_size": opts.batch_size, "fast_path": "eager"}}
+    trainer = Trainer(build_model(cfg, num_classes=NUM_CLASSES), Split(x.to(device), y.to(device)), None, config,
+                      epochs=1, num_classes=NUM_CLASSES, mean=mean, std=std, device=device)
+    counted = step_ops(trainer)
+    ops = counted["ops_per_step"]
+    out(f"ops per step ({opts.model}, batch {opts.batch_size}, seed-000 augmentation, {device}): "
+        + ", ".join(f"{k} {v}" for k, v in ops.items()))
+    return {**counted, "model": opts.model, "batch_size": opts.batch_size, "augment": SEED_AUGMENT,
+            "optimizer": OPTIMIZER, "device": str(device)}
+
+
+def compile_vs_eager(opts: BenchOptions, epochs: int = 4, out: Callable[[str], None] = print) -> dict[str, Any]:
+    """Each ``fast_path`` mode that can run here (eager, compiled; cuda_graphs on CUDA) on the same data
+    and seed, epochs interleaved round by round (mode A epoch 1, mode B epoch 1, A epoch 2, ...: a shared
+    machine's slow spells hit all modes): epoch times (epoch 1 includes the compilation or the capture),
+    the one-off cost and per-epoch saving against eager, the break-even point; and the augmentation's
+    pixel work alone (``BatchAugment.dense`` on fixed draws), eager vs compiled, per batch."""
+    device = torch.device(opts.device)
+    torch.set_num_threads(opts.threads or torch.get_num_threads())
+    cfg = model_config(opts.model)
+    x, y = synthetic_images(opts.epoch_images)
+    mean, std = _channel_stats(x)
+    train = Split(x.to(device), y.to(device))
+    modes = ("eager", "compiled", "cuda_graphs") if device.type == "cuda" else ("eager", "compiled")
+    trainers = {}
+    for mode in modes:
+        config = {"model": cfg, "optimizer": OPTIMIZER, "schedule": {"name": "none"}, "augment": SEED_AUGMENT,
+                  "train": {"batch_size": opts.batch_size, "fast_path": mode}}
+        trainers[mode] = Trainer(build_model(cfg, num_classes=NUM_CLASSES), train, None, config, epochs=epochs,
+                                 num_classes=NUM_CLASSES, mean=mean, std=std, seed=0, device=device)
+    epoch_s: dict[str, list[float]] = {mode: [] for mode in modes}
+    for _ in range(epochs):
+        for mode, trainer in trainers.items():
+            epoch_s[mode].append(float(trainer.run_epoch()["train_time_s"]))
+    used = {mode: f"{t.fast_path.mode} ({t.fast_path.reason})" for mode, t in trainers.items()}
+    steady = {m: statistics.median(v[1:]) for m, v in epoch_s.items()}
+    per_mode: dict[str, dict[str, Any]] = {}
+    for mode in modes:
+        gain_s = steady["eager"] - steady[mode]  # per epoch, once set up
+        overhead_s = epoch_s[mode][0] - epoch_s["eager"][0]  # compilation or warm-up + capture, beyond eager's
+        per_mode[mode] = {"ran_as": used[mode], "epoch_s": epoch_s[mode], "steady_epoch_s": steady[mode],
+                          "steady_speedup": steady["eager"] / steady[mode], "setup_overhead_s": overhead_s,
+                          "break_even_epochs": overhead_s / gain_s if gain_s > 0 and mode != "eager" else None}
+        be = per_mode[mode]["break_even_epochs"]
+        per_mode[mode]["break_even_images"] = be * opts.epoch_images if be is not None else None
+
+    augment = build_augment(SEED_AUGMENT, mean=mean, std=std, num_classes=NUM_CLASSES)
+    xb = train.x[: opts.batch_size]
+    draws = augment.draw(torch.Generator(device=device).manual_seed(0), len(xb), xb.shape[1], device)
+    dense = torch.compile(augment.dense, dynamic=False)  # already compiled by the compiled run: no compile time here
+    def per_batch_ms(fn: Callable[[torch.Tensor, Any], torch.Tensor], reps: int = 20) -> float:
+        fn(xb, draws)
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn(xb, draws)
+        _sync(device)
+        return (time.perf_counter() - t) / reps * 1e3
+
+    aug_ms: dict[str, list[float]] = {"eager": [], "compiled": []}
+    for _ in range(opts.rounds):  # interleaved: the machine may be shared
+        aug_ms["eager"].append(per_batch_ms(augment.dense))
+        aug_ms["compiled"].append(per_batch_ms(dense))
+    report = {"epoch_images": opts.epoch_images, "epochs": epochs, "modes": per_mode,
+              "augment_dense_ms": {k: statistics.median(v) for k, v in aug_ms.items()}}
+    out(f"fast paths ({opts.model}, {opts.epoch_images} images per epoch): "
+        + "; ".join(f"{m} epochs {', '.join(f'{v:.2f}' for v in r['epoch_s'])} s" for m, r in per_mode.items())
+        + f"; augmentation {report['augment_dense_ms']['eager']:.1f} -> {report['augment_dense_ms']['compiled']:.1f} ms/batch")
+    return report
+
+
 def run_bench(opts: BenchOptions, out: Callable[[str], None] = print) -> dict[str, Any]:
     keep_host_memory()  # as every training process does (Trainer): all rows run under the same allocator
     report: dict[str, Any] = {"options": asdict(opts), "env": environment(opts.device)}
+    report["ops"] = measure_ops(opts, out)
+    report["ops_per_step"] = report["ops"]["ops_per_step"]
+    if opts.only_ops:
+        report.update(threads=opts.threads or torch.get_num_threads(), rows={}, ratios={}, targets=[])
+        if opts.compile:
+            report["compile_vs_eager"] = compile_vs_eager(opts, out=out)
+        return report
     if opts.only_policies:
         report.update(threads=opts.threads or torch.get_num_threads(), rows={}, ratios={})
     else:
@@ -662,8 +752,31 @@ def markdown(report: dict[str, Any], command: str | None = None) -> str:
     env = report["env"]
     gpu = f", {env['gpu']} (driver {env.get('driver')}, CUDA {env.get('cuda')})" if "gpu" in env else ""
     lines = [f"model `{o['model']}`, device {o['device']}{gpu}, batch {o['batch_size']}, {report['threads']} torch threads "
-             f"for rows a-d, {o['epoch_images']} images per epoch, median of {o['rounds']} interleaved rounds; "
+             f"for {'the fast-path runs' if o.get('only_ops') else 'rows a-d'}, {o['epoch_images']} images per epoch, median of {o['rounds']} interleaved rounds; "
              f"torch {env['torch']}, {env['cores']} cores", ""]
+    if "ops" in report:
+        ops = report["ops"]
+        lines += [f"ATen ops per training step (one eager step, batch {ops['batch_size']}, seed-000 augmentation, "
+                  f"{ops['optimizer']['name']}, dispatched ops counted by a TorchDispatchMode):", "",
+                  "| part | ops | of which views | most frequent |", "|---|---:|---:|---|"]
+        lines += [f"| {k} | {v} | {ops['views_per_step'][k]} | "
+                  + ", ".join(f"{name} {n}" for name, n in list(ops["top_ops"][k].items())[:5]) + " |"
+                  for k, v in ops["ops_per_step"].items()]
+        lines += [f"| total | {sum(ops['ops_per_step'].values())} | {sum(ops['views_per_step'].values())} | |", ""]
+    if "compile_vs_eager" in report:
+        c = report["compile_vs_eager"]
+        lines += [f"`train.fast_path` modes, epochs of {c['epoch_images']} images (epoch 1 includes the compilation "
+                  "or the capture); one-off cost = epoch 1 minus eager's epoch 1:", "",
+                  "| mode | ran as | epoch times (s) | steady speedup | one-off cost (s) | break-even (epochs) "
+                  "| break-even (images) |", "|---|---|---|---:|---:|---:|---:|"]
+        lines += [f"| {m} | {r['ran_as']} | {', '.join(f'{v:.2f}' for v in r['epoch_s'])} | {_fmt(r['steady_speedup'])} "
+                  f"| {_fmt(r['setup_overhead_s'])} | {_fmt(r['break_even_epochs'])} | {_fmt(r['break_even_images'], 0)} |"
+                  for m, r in c["modes"].items()]
+        lines += ["", f"augmentation alone (dense stages, batch {o['batch_size']}): eager "
+                  f"{c['augment_dense_ms']['eager']:.2f} ms, compiled {c['augment_dense_ms']['compiled']:.2f} ms per "
+                  f"batch, median of {o['rounds']} interleaved rounds of 20 batches", ""]
+    if o.get("only_ops"):
+        return "\n".join(lines) + "\n"
     if o.get("only_policies"):  # rows a-d did not run: describe row f's setting instead
         lines = [f"row f only: device {o['device']}{gpu}, batch {o['batch_size']}, {o['augment_images']} images per "
                  f"round, median of {o['rounds']} interleaved rounds; torch {env['torch']}, {env['cores']} cores, "

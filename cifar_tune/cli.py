@@ -276,7 +276,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     opts = [BenchOptions(model=m, device=args.device, batch_size=args.batch_size, threads=args.threads,
                          epoch_images=args.epoch_images, rounds=args.rounds, search=not args.no_search and i == 0,
                          policies=i == 0, only_policies=args.only_policies,
-                         num_workers=args.loader_workers, compile=args.compile)
+                         num_workers=args.loader_workers, compile=args.compile, only_ops=args.only_ops)
             for i, m in enumerate(models)]
     try:
         report = run_benches(opts)
@@ -402,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only-policies", action="store_true",
                    help="run only row f: batched AutoAugment/RandAugment/TrivialAugment vs torchvision per image")
     p.add_argument("--no-throughput", action="store_true", help="skip rows a-e (only --pack / --workflow)")
+    p.add_argument("--only-ops", action="store_true",
+                   help="only count ATen ops per training step (augmentation, model, optimizer); seconds, any device")
     p.add_argument("--loader-workers", type=int, default=2, help="DataLoader workers of the seed-style row c (default 2)")
     p.add_argument("--compile", action="store_true", help="also time fit with torch.compile (compile cost, break-even)")
     p.add_argument("--pack", default=None, metavar="K,K,...",

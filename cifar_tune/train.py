@@ -8,6 +8,7 @@ once per epoch (to read the metrics), never per step.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 import zlib
@@ -19,11 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cifar_tune import fastpath
 from cifar_tune.augment import build_augment, normalizer
 from cifar_tune.data import Split
 from cifar_tune.devices import keep_host_memory, peak_memory_mb
+from cifar_tune.fastpath import Decision, GraphedStep
 from cifar_tune.optim import build_optimizer, build_schedule, load_optimizer_state
 from cifar_tune.transfer import param_groups, scale_lrs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,8 @@ class TrainOptions:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     channels_last: bool | None = None  # None: on for CUDA, off on CPU
     compile: bool = False  # torch.compile the model
+    # how a step runs: eager, compiled (augmentation + model), cuda_graphs (the whole step), auto (cifar_tune.fastpath)
+    fast_path: Literal["auto", "eager", "compiled", "cuda_graphs"] = "auto"
     eval_batch_size: int = 1024
 
 
@@ -175,7 +182,6 @@ class Trainer:
         seed_everything(seed)
         self.model = prepare_model(model, self.device, self.opts)
         self.channels_last = self.opts.channels_last if self.opts.channels_last is not None else self.device.type == "cuda"
-        self.step_model = torch.compile(self.model) if self.opts.compile else self.model
         # frozen parts left out, per-part lr multipliers as param groups (cifar_tune.transfer)
         self.optimizer = build_optimizer(param_groups(self.model, config.get("model", {})),
                                          config.get("optimizer", {"name": "sgd", "lr": 0.05}))
@@ -187,10 +193,79 @@ class Trainer:
         self.augment = build_augment(config.get("augment", {}), mean=mean, std=std, num_classes=num_classes)
         self.gen = torch.Generator(device=train.x.device).manual_seed(seed)
         self.x_all, self.y_all = train.x.to(self.device), train.y.to(self.device)
+        self._setup_fast_path(config, steps_per_epoch)
         self.epoch = 0  # epochs finished
         self.history: list[dict[str, Any]] = []
         self.train_time_s = 0.0
         self.status: Literal["completed", "diverged", "oom"] = "completed"
+
+    # ---------------------------------------------------------------------------------- the step
+
+    def _setup_fast_path(self, config: Mapping[str, Any], steps_per_epoch: int) -> None:
+        """Resolve ``train.fast_path`` (logged with its reason) and build what the mode needs."""
+        schedule_name = str(config.get("schedule", {"name": "none"}).get("name", "none"))
+        graph_reason = fastpath.graph_blocker(self.device, self.gen, self.optimizer, schedule_name, self.augment.split)
+        self.fast_path: Decision = fastpath.choose(self.opts.fast_path, self.device, self.epochs * steps_per_epoch, graph_reason)
+        fell_back = self.opts.fast_path not in ("auto", self.fast_path.mode)  # asked for a mode that cannot run here
+        (log.warning if fell_back else log.info)("fast path %s (%s)", self.fast_path.mode, self.fast_path.reason)
+        compiled = self.fast_path.mode == "compiled"
+        self.step_model = torch.compile(self.model) if self.opts.compile or compiled else self.model
+        # the augmentation's pixel work compiled; its random draws stay eager (BatchAugment.draw)
+        self._dense = torch.compile(self.augment.dense, dynamic=False) if compiled and self.augment.split else None
+        if compiled and (why := fastpath.compile_blocker(self.augment.split)):
+            log.info("fast path compiled: %s", why)
+        self._graph: GraphedStep | None = None
+        self._eager_steps = 0
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._correct = torch.zeros((), device=self.device)
+
+    def augment_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather and augment one batch: (float32 inputs as the model takes them, targets)."""
+        xb, targets = self.augment(self.x_all[idx], self.y_all[idx], self.gen, dense=self._dense)
+        if self.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        return xb, targets
+
+    def forward_backward(self, xb: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and gradients (clipped as configured); the detached (loss, logits)."""
+        opts = self.opts
+        with _autocast(self.device, opts.precision):
+            logits = self.step_model(xb)
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=opts.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if opts.grad_clip_norm is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), opts.grad_clip_norm, foreach=True)
+        return loss.detach(), logits.detach()
+
+    def _step(self, idx: torch.Tensor) -> None:
+        """One eager (or compiled) training step; the running metrics stay on the device."""
+        xb, targets = self.augment_batch(idx)
+        loss, logits = self.forward_backward(xb, targets)
+        self.optimizer.step()
+        self._loss_sum += loss * idx.numel()
+        self._correct += correct_count(logits, targets)
+        self._eager_steps += 1  # Python-side: counts the eager steps only, not the replays (nor the capture)
+
+    def _capture(self, batch_size: int) -> None:
+        """Capture the step in a CUDA graph after the eager warm-up steps; on failure fall back to eager
+        for the rest of the run and log why (nothing ran during the failed capture: kernels are only
+        recorded, so no batch was trained twice or skipped)."""
+        steps = self._eager_steps
+        # capturing synchronises once (torch.cuda.graph does); strict_sync guards the steps, not this
+        sync_mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            fastpath.make_capturable(self.optimizer)
+            self._graph = GraphedStep(self._step, batch_size, self.device, self.gen)
+        except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
+            self._graph = None
+            self.optimizer.zero_grad(set_to_none=True)
+            self.fast_path = Decision("eager", f"cuda_graphs capture failed: {type(e).__name__}: {e}")
+            log.warning("fast path falls back to eager: %s", self.fast_path.reason)
+        finally:
+            torch.cuda.set_sync_debug_mode(sync_mode)
+            self._eager_steps = steps  # the captured call ran _step's Python once without training
 
     def result(self) -> FitResult:
         return FitResult(status=self.status, epochs_run=self.epoch, history=list(self.history), train_time_s=self.train_time_s)
@@ -205,33 +280,26 @@ class Trainer:
         epoch = self.epoch + 1
         model.train()
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
+        # static accumulators: a captured step adds into these very tensors on every replay
+        self._loss_sum.zero_()
+        self._correct.zero_()
         seen = 0
         with precision_flags(opts.precision), _no_host_sync(device, self.strict_sync):
             for idx in _batches(len(self.train), opts.batch_size, self.gen, device):
-                yb = self.y_all[idx]
-                xb, targets = self.augment(self.x_all[idx], yb, self.gen)
-                if self.channels_last:
-                    xb = xb.contiguous(memory_format=torch.channels_last)
-                with _autocast(device, opts.precision):
-                    logits = self.step_model(xb)
-                    loss = F.cross_entropy(logits.float(), targets, label_smoothing=opts.label_smoothing)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if opts.grad_clip_norm is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip_norm, foreach=True)
-                self.optimizer.step()
+                if self.fast_path.mode == "cuda_graphs" and self._graph is None and self._eager_steps >= fastpath.WARMUP_STEPS:
+                    self._capture(len(idx))
+                if self._graph is not None:
+                    self._graph(idx)
+                else:
+                    self._step(idx)
                 self.schedule.step_batch()
-                loss_sum += loss.detach() * idx.numel()
-                correct += correct_count(logits.detach(), targets)
                 seen += idx.numel()
-        train_loss = loss_sum.item() / seen  # the one host sync of the epoch
+        train_loss = self._loss_sum.item() / seen  # the one host sync of the epoch
         train_time_s = time.perf_counter() - t0
         metrics: dict[str, Any] = {
             "epoch": epoch,
             "train_loss": train_loss,
-            "train_acc": correct.item() / seen,
+            "train_acc": self._correct.item() / seen,
             "lr": self.schedule.lr(),
             "train_time_s": train_time_s,
             "images_per_s": seen / train_time_s,
@@ -277,6 +345,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._graph = None  # a captured step holds the old optimizer state and hyperparameters: capture anew
         self.model.load_state_dict(state["model"])
         # Hyperparameters (lr, momentum, betas, amsgrad, ...) come from this run's config, buffers and
         # step counts from the state: identical when continuing, PBT's new values after an exploit.
