@@ -343,8 +343,11 @@ class _Geometry:
 
     def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """uint8 in; uint8 out (exact pixels) except for bilinear rotation: float32 in 0..255."""
-        r = self.draw(g, x.shape[0], x.device)
-        if r["hflip"] is not None or r["vflip"] is not None or "dx" in r:
+        return self.apply(x, self.draw(g, x.shape[0], x.device))
+
+    def apply(self, x: torch.Tensor, r: Mapping[str, Any]) -> torch.Tensor:
+        """The stage with the draws ``r`` of :meth:`draw`: no randomness (a compiled region may hold it)."""
+        if r.get("hflip") is not None or r.get("vflip") is not None or "dx" in r:
             x = self._gather(x, r)
         return self._rotate(x, r["angle"]) if "angle" in r else x
 
@@ -365,7 +368,7 @@ class _Geometry:
             idx = torch.where(flip[:, None], n - 1 - idx, idx)
         return idx, valid
 
-    def _gather(self, x: torch.Tensor, r: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _gather(self, x: torch.Tensor, r: Mapping[str, Any]) -> torch.Tensor:
         b, c, h, w = x.shape
         rows, row_ok = self._source_index(h, r["vflip"], r.get("dy"), b, x.device)
         cols, col_ok = self._source_index(w, r["hflip"], r.get("dx"), b, x.device)
@@ -729,7 +732,7 @@ class BatchAugment:
         """Geometry, colour jitter and normalisation of a uint8 batch with the given draws; no randomness."""
         x = x_uint8
         if self._geometry is not None:
-            x = self._geometry._rotate(x, draws) if "angle" in draws else self._geometry._gather(x, draws)
+            x = self._geometry.apply(x, draws)
         x = x.to(torch.float32)  # a copy for uint8 input, so in-place ops below never touch the caller's batch
         if "jitter_order" in draws:
             assert self._jitter is not None
