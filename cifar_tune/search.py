@@ -567,19 +567,36 @@ def run_search(
 ) -> Experiment:
     from cifar_tune import data as data_mod
     from cifar_tune import tracking, tuner
-    from cifar_tune.trial import TrialSetup
 
     exp = Experiment(storage, name or spec.name)
     tracking.check_available(spec.tracking)
-    # the order matters: refusals that only read come first, then the cluster (a wrong --address fails
-    # here in seconds), then the data (downloaded once, in the driver); the experiment is written last,
-    # so a failed start leaves nothing that a second attempt would call "already exists"
+    # the order matters: refusals that only read come first, then the data (downloaded once, in the
+    # driver, and checked, so bad data is one line without Ray's start-up around it), then the cluster (a
+    # wrong --address fails in seconds); the experiment is written last, so a failed start leaves nothing
+    # that a second attempt would call "already exists"
     check_experiment(spec, exp, resume)
+    data_mod.prepare(spec.data)
+    data_mod.check_split(spec.data)  # a subset larger than the data set fails here, not in every trial
     mps, mps_why = search_mps(spec.search.resources, joins=tuner.joins_cluster(address))
     cluster = tuner.connect(address, dashboard=dashboard, num_cpus=num_cpus, mps=mps,
                             mps_required=spec.search.resources.mps == "on", out=out)
-    data_mod.prepare(spec.data)
-    data_mod.check_split(spec.data)  # a subset larger than the data set fails here, not in every trial
+    try:
+        return _search_on(cluster, spec, exp, resume=resume, address=address, mps=(mps, mps_why), dashboard=dashboard,
+                          dashboard_port=dashboard_port, progress_every_s=progress_every_s, out=out)
+    finally:
+        if cluster.started_here:  # a Ray instance started for this search ends with it (called from Python too)
+            tuner.shutdown()
+
+
+def _search_on(cluster: Any, spec: Spec, exp: Experiment, *, resume: bool, address: str | None,
+               mps: tuple[bool, str], dashboard: bool, dashboard_port: int, progress_every_s: float,
+               out: Printer) -> Experiment:
+    """The search once connected: data, plan, trials on Ray Tune, records."""
+    from cifar_tune import data as data_mod
+    from cifar_tune import tracking, tuner
+    from cifar_tune.trial import TrialSetup
+
+    mps_on, mps_why = mps
     log, todo, next_index = _plan(spec, exp, resume, out)
     log.trim_at_end = spec.search.scheduler.name == "pbt"  # exploits may still copy a finished trial's checkpoints
     total = num_trials(spec)
@@ -587,7 +604,7 @@ def run_search(
     log.flush(force=True)
     print_cluster(cluster, out)
     if spec.search.resources.gpus_per_trial > 0:
-        out(f"CUDA MPS {'on' if mps else 'off'}: {mps_why}")
+        out(f"CUDA MPS {'on' if mps_on else 'off'}: {mps_why}")
     mirror = _trials_dashboard(spec, exp, log, serve=dashboard, port=dashboard_port, out=out)
     for line in tracking.describe(spec.tracking, exp):
         out(line)

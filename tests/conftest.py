@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import pickle
 import shutil
+import sys
 import tarfile
 import urllib.error
 from collections.abc import Callable, Iterator
@@ -245,3 +246,15 @@ def watched_search(tmp_path_factory: pytest.TempPathFactory) -> dict:
         stop.set()
         ray.shutdown()
     return {"root": root, "exp": exp, "spec": spec, "out": lines, "metrics": scraped, "worker_logs": worker_logs}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_ray_left_running(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test module that starts Ray shuts it down: an instance left running would make the next module's
+    ``ray.init`` fail ("called ray.init twice") or, worse, be joined silently. Set up before, and so torn
+    down after, every fixture of the module."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+        pytest.fail(f"{request.module.__name__} left a Ray instance running", pytrace=False)

@@ -306,11 +306,17 @@ def test_compile_threads_follow_the_workers_cpus(monkeypatch: pytest.MonkeyPatch
     import torch._inductor.config as inductor_config
 
     monkeypatch.delenv(devices.COMPILE_THREADS_ENV, raising=False)
-    monkeypatch.setattr(inductor_config, "compile_threads", inductor_config.compile_threads)
-    assert devices.limit_compile_threads(0.5) == 1  # a packed trial's fraction of a CPU: one worker
-    assert os.environ[devices.COMPILE_THREADS_ENV] == "1" and inductor_config.compile_threads == 1
-    monkeypatch.setenv(devices.COMPILE_THREADS_ENV, "3")  # the user's choice wins
-    assert devices.limit_compile_threads(8) == 3
+    # restored by assignment: monkeypatch's undo deletes the override of Inductor's config module, and
+    # the setting then "does not exist" for every later compile in this process
+    saved = inductor_config.compile_threads
+    try:
+        assert devices.limit_compile_threads(0.5) == 1  # a packed trial's fraction of a CPU: one worker
+        assert os.environ[devices.COMPILE_THREADS_ENV] == "1" and inductor_config.compile_threads == 1
+        monkeypatch.setenv(devices.COMPILE_THREADS_ENV, "3")  # the user's choice wins
+        assert devices.limit_compile_threads(8) == 3
+    finally:
+        inductor_config.compile_threads = saved
+    assert inductor_config.compile_threads == saved
 
 
 @pytest.mark.parametrize(("cores", "for_trials"), [(1, 1), (2, 2), (4, 3), (8, 7), (16, 14), (64, 56)])
