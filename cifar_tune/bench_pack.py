@@ -224,11 +224,10 @@ def project_workflow(per_trial_rate: dict[int, float], *, num_samples: int = 60,
 # ------------------------------------------------------------------------------------------- driver
 
 
-def run_gpu_benches(args: Any, out: Printer = print) -> dict[str, Any]:
-    """``--pack`` and ``--workflow`` of ``cifar-tune bench`` (argparse namespace in, report sections out)."""
+def run_gpu_benches(args: Any, model_config: Callable[[str], dict[str, Any]], out: Printer = print) -> dict[str, Any]:
+    """``--pack`` and ``--workflow`` of ``cifar-tune bench`` (argparse namespace in, report sections out);
+    ``model_config`` resolves ``--pack-model`` (``bench.model_config``, passed in: bench imports this module)."""
     import torch
-
-    from cifar_tune.bench import model_config
 
     gpu = torch.device(args.device).type == "cuda"
     report: dict[str, Any] = {}

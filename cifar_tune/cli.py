@@ -281,9 +281,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         report = run_benches(opts)
         if args.pack or args.workflow:
+            from cifar_tune.bench import model_config
             from cifar_tune.bench_pack import run_gpu_benches
 
-            report.update(run_gpu_benches(args))
+            report.update(run_gpu_benches(args, model_config))
     except ValueError as e:
         raise UserError(str(e)) from None
     command = "cifar-tune " + " ".join(sys.argv[1:]) if args.json else None

@@ -99,7 +99,7 @@ class OptunaMirror:
     # -- events --------------------------------------------------------------------------------
     def trial_started(self, trial_id: str, config: dict[str, Any], *, resumed_from_epoch: int = 0) -> None:
         """A new attempt is a new Optuna trial; one restored from a checkpoint carries the epochs it keeps."""
-        from cifar_tune.search import trial_label
+        from cifar_tune.results import trial_label
 
         old = self.numbers.get(trial_id)
         if old is not None and self.storage.get_trial(old).state == self.optuna.trial.TrialState.RUNNING:

@@ -146,6 +146,13 @@ def flatten(config: Mapping[str, Any], prefix: str = "config") -> dict[str, Any]
     return out
 
 
+def trial_label(trial_id: str, config: dict[str, Any]) -> str:
+    """How a trial shows up in Ray's dashboard, TensorBoard and our tables: t0007-vgg-sgd."""
+    fam = config.get("model", {}).get("family", "model")
+    opt = config.get("optimizer", {}).get("name", "opt")
+    return f"{trial_id}-{fam}-{opt}"
+
+
 class Experiment:
     """``<storage>/<name>/``: where one search keeps everything it writes."""
 

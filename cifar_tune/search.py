@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from cifar_tune.errors import UserError
-from cifar_tune.results import FINISHED, Experiment, TrialLog, run_metadata
+from cifar_tune.results import FINISHED, Experiment, TrialLog, run_metadata, trial_label
 from cifar_tune.space import Dist, InfeasibleSpace, Sampler
 from cifar_tune.spec import Spec
 
@@ -46,13 +46,6 @@ def num_trials(spec: Spec) -> int:
 
 def trial_id_for(index: int) -> str:
     return f"t{index:04d}"
-
-
-def trial_label(trial_id: str, config: dict[str, Any]) -> str:
-    """How a trial shows up in Ray's dashboard, TensorBoard and our tables: t0007-vgg-sgd."""
-    fam = config.get("model", {}).get("family", "model")
-    opt = config.get("optimizer", {}).get("name", "opt")
-    return f"{trial_id}-{fam}-{opt}"
 
 
 # ------------------------------------------------------------------------------- trial sources
