@@ -473,24 +473,7 @@ class _PBT(_EndingReports, PopulationBasedTraining):
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
         if not _ends_trial(result) and (result.get(self._time_attr) or 0) >= self.max_epochs:
             return TrialScheduler.CONTINUE  # the trial completes with its own last epoch
-        decision = super().on_trial_result(tune_controller, trial, result)
-        self._keep_sync_ahead(tune_controller)
-        return decision
-
-    def _keep_sync_ahead(self, tune_controller: Any, leaving: Any = None) -> None:
-        """Synchronously, Ray's next sync point after a perturbation is the furthest trial's time. With
-        trials at different times (a trial added to a resumed population starts at 0), a trial behind
-        that copies one ahead takes its time, and then no live trial is behind the sync point: none is
-        chosen to run again. So the sync point is the interval boundary after the trial furthest behind
-        (in a population at one time, as Ray keeps it, the two agree). ``leaving``: a trial still live
-        in Tune's eyes that will not run again."""
-        if not self._synch:
-            return
-        times = [self._trial_state[t].last_train_time for t in tune_controller.get_live_trials()
-                 if t is not leaving and t in self._trial_state]
-        if times:
-            behind = min(times)
-            self._next_perturbation_sync = behind - behind % self._perturbation_interval + self._perturbation_interval
+        return super().on_trial_result(tune_controller, trial, result)
 
     # Synchronous PBT pauses each trial at the interval until every live trial has reached it, and
     # perturbs when the last one reports. A trial that leaves instead (an error, divergence, out of
@@ -529,7 +512,6 @@ class _PBT(_EndingReports, PopulationBasedTraining):
             self._checkpoint_or_exploit(t, tune_controller, upper, lower)
         self._next_perturbation_sync = max(self._next_perturbation_sync + self._perturbation_interval,
                                            max(self._trial_state[t].last_train_time for t in waiting))
-        self._keep_sync_ahead(tune_controller, leaving=trial)
 
     # Resumed (``--resume``): Ray's PBT starts with every trial at time 0 and the next sync at one
     # interval, while the trials go on from their checkpoints. Synchronously, a trial that had been
