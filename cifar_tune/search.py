@@ -646,6 +646,7 @@ def _search_on(cluster: Any, spec: Spec, exp: Experiment, *, resume: bool, addre
                 experiment=exp.name, callbacks=callbacks,
                 keep_checkpoints=spec.search.checkpoint.resolved_keep(spec.search.scheduler.name),
                 resume_from=resume_from,
+                resume_epochs={tid: int(log.rows[tid].get("checkpoint_epoch") or 0) for tid in resume_from},
                 scheduler_history=scheduler_history(log) if resume else None,
                 population=list(todo) if spec.search.scheduler.name == "pbt" else None,
             )

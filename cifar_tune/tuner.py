@@ -450,6 +450,12 @@ class _FIFO(_EndingReports, FIFOScheduler):
     pass
 
 
+# (trial id, result with the time attribute and the metric, whether the trial had finished)
+SchedulerHistory = list[tuple[str, dict[str, Any], bool]]
+# (the epoch a resumed trial's checkpoint holds, the checkpoint's URI, the metric at that epoch)
+ResumePoint = tuple[int, str | None, float | None]
+
+
 class _PBT(_EndingReports, PopulationBasedTraining):
     """Ray's PBT, except that a trial keeps its own id when it copies another trial's config, and that
     nothing is copied at or after the last epoch.
@@ -507,6 +513,47 @@ class _PBT(_EndingReports, PopulationBasedTraining):
         self._next_perturbation_sync = max(self._next_perturbation_sync + self._perturbation_interval,
                                            max(self._trial_state[t].last_train_time for t in waiting))
 
+    # Resumed (``--resume``): Ray's PBT starts with every trial at time 0 and the next sync at one
+    # interval, while the trials go on from their checkpoints. Synchronously, a trial that had been
+    # waiting at the sync point is then never behind it, and one exploit copying its time moves the
+    # sync point past every paused trial: nothing is chosen to run again, for good. So each trial starts
+    # where its checkpoint is, as the uninterrupted search had it at the kill: the last sync point the
+    # whole population passed, the next one an interval on, and a trial that had reached that one
+    # waiting there, paused, with its score and its checkpoint (a donor, or exploited, when the last
+    # trial arrives), exactly as a trial Ray paused itself.
+
+    _resume: dict[str, ResumePoint] | None = None
+
+    def resume_at(self, points: dict[str, ResumePoint]) -> None:
+        """``points``: every trial of the population, by our trial id -> (the epoch its checkpoint
+        holds, that checkpoint's URI, the metric at that epoch); (0, None, None) for one run afresh."""
+        self._resume = points
+        if self._synch and points:
+            passed = min(epoch for epoch, _, _ in points.values())
+            self._next_perturbation_sync = passed - passed % self._perturbation_interval + self._perturbation_interval
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_add(tune_controller, trial)
+        epoch, uri, score = (self._resume or {}).get(trial.config["trial_id"], (0, None, None))
+        if not self._synch or not epoch:
+            return
+        from ray.train._internal.session import _TrainingResult
+        from ray.tune.experiment import Trial
+
+        state = self._trial_state[trial]
+        passed = self._next_perturbation_sync - self._perturbation_interval
+        state.last_perturbation_time = passed
+        # (one with no score to rank it by runs on to the next sync point rather than wait unranked)
+        waiting = epoch >= self._next_perturbation_sync and score is not None and uri is not None
+        state.last_train_time = epoch if waiting or epoch < self._next_perturbation_sync else passed
+        if waiting:
+            result = {self._time_attr: epoch, self._metric: score}
+            state.last_score, state.last_result = self._metric_op * score, result
+            # Tune restores a paused trial from its checkpoint (the trial's own, not an exploit's)
+            trial.run_metadata.checkpoint_manager._latest_checkpoint_result = _TrainingResult(
+                checkpoint=tune.Checkpoint(uri), metrics=result)
+            trial.set_status(Trial.PAUSED)  # (before Tune files the trial under its status)
+
     def _exploit(self, tune_controller: Any, trial: Any, trial_to_clone: Any) -> None:
         if self._trial_state[trial_to_clone].last_train_time >= self.max_epochs:
             return  # (not reached through on_trial_result above; kept so no path copies a finished model)
@@ -547,10 +594,6 @@ class _NoLiveTrials:
 
     def get_live_trials(self) -> list[Any]:
         return []
-
-
-# (trial id, result with the time attribute and the metric, whether the trial had finished)
-SchedulerHistory = list[tuple[str, dict[str, Any], bool]]
 
 
 class _Rebuilt:
@@ -647,24 +690,30 @@ def _clip_mutations(mutations: dict[str, Any]) -> Callable[[dict[str, Any]], dic
     return explore
 
 
-def make_scheduler(sched: SchedulerSpec, history: SchedulerHistory | None = None) -> TrialScheduler:
+def make_scheduler(sched: SchedulerSpec, history: SchedulerHistory | None = None,
+                   resume_points: dict[str, ResumePoint] | None = None) -> TrialScheduler:
     """One report per epoch, so ``epoch`` is the time attribute of every scheduler.
 
     ``history``: an earlier run's results (``--resume``), which ASHA's rungs and median stopping's
     per-trial history are rebuilt from (see :class:`_Rebuilt`); the other schedulers keep no state
-    across results that a resume could lose, except hyperband's brackets and PBT's population, which
-    start afresh (PBT's scores are re-read from the next results).
+    across results that a resume could lose, except hyperband's brackets and asynchronous PBT's
+    population, which start afresh (its scores are re-read from the next results). ``resume_points``:
+    where each trial of a resumed PBT population goes on from, which synchronous PBT's sync point and
+    per-trial times are rebuilt from (see :meth:`_PBT.resume_at`).
     """
     if sched.name == "pbt":
         from cifar_tune.spec import parse_mutations
 
         mutations = parse_mutations(sched.mutations)
-        return _PBT(
+        pbt = _PBT(
             max_epochs=sched.max_epochs, time_attr="epoch", perturbation_interval=sched.perturbation_interval,
             hyperparam_mutations=pbt_mutations(mutations), quantile_fraction=sched.quantile_fraction,
             resample_probability=sched.resample_probability, custom_explore_fn=_clip_mutations(mutations),
             synch=sched.synch,
         )
+        if resume_points:
+            pbt.resume_at(resume_points)
+        return pbt
     if sched.name == "asha":
         asha = _ASHA(
             time_attr="epoch", max_t=sched.max_epochs, grace_period=sched.grace_period,
@@ -699,6 +748,15 @@ def _on_assigned_device(fn: Callable[..., Any], place: Callable[[], tuple[Any, f
     return run
 
 
+def _resume_point(trial_id: str, epoch: int, uri: str | None, history: SchedulerHistory, metric: str) -> ResumePoint:
+    """Where a resumed trial goes on from: its checkpoint's epoch and URI, and the metric recorded at
+    that epoch (the trial's last row there)."""
+    if uri is None:
+        return 0, None, None
+    scores = [r[metric] for tid, r, _ in history if tid == trial_id and r.get("epoch") == epoch and metric in r]
+    return epoch, uri, (scores[-1] if scores else None)
+
+
 def run_search(
     *,
     setup: Any,
@@ -721,6 +779,7 @@ def run_search(
     experiment: str = "",
     callbacks: list[Any] | None = None,
     scheduler_history: SchedulerHistory | None = None,
+    resume_epochs: dict[str, int] | None = None,
 ) -> None:
     """Run the trials to completion; every outcome arrives through ``events``.
 
@@ -728,7 +787,7 @@ def run_search(
     PBT's trials, all given up front (Ray Tune allows PBT no search algorithm, so they become a grid
     over trial ids rather than ``source`` suggestions). ``callbacks`` (e.g. from
     :func:`tracking_callbacks`) run after the events sink, so they see each trial's final status
-    already recorded.
+    already recorded. ``resume_epochs``: trial id -> the epoch its ``resume_from`` checkpoint holds.
     """
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # our events print one line per failure
     param_space: dict[str, Any] = {}
@@ -739,6 +798,10 @@ def run_search(
         param_space = {"trial_id": tune.grid_search(list(configs)),
                        "config": tune.sample_from(lambda spec: copy.deepcopy(configs[spec["trial_id"]]))}
         search_alg, num_trials = None, 1
+    resume_points = None
+    if population is not None and resume_from:
+        resume_points = {tid: _resume_point(tid, (resume_epochs or {}).get(tid, 0), resume_from.get(tid), scheduler_history or [], metric)
+                         for tid in configs}
     trainable = tune.with_parameters(cifar_tune_trial, setup=setup, shared_data=shared_data, experiment=experiment,
                                      resume_from=resume_from or {})
     tuner = tune.Tuner(
@@ -746,7 +809,7 @@ def run_search(
         param_space=param_space,
         tune_config=tune.TuneConfig(
             search_alg=search_alg,
-            scheduler=make_scheduler(scheduler, scheduler_history),
+            scheduler=make_scheduler(scheduler, scheduler_history, resume_points),
             metric=metric,
             mode=mode,
             num_samples=num_trials,

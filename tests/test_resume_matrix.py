@@ -119,6 +119,126 @@ def test_a_rebuilt_scheduler_decides_like_an_uninterrupted_one(sched: SchedulerS
     assert len(diverged_at) > 10  # the test can tell: afresh, the resumed search decides otherwise
 
 
+class _PBTTrial:
+    """What PBT touches of a Ray trial: status, config, tag, and the checkpoint Tune restores it from."""
+
+    def __init__(self, tid: str, lr: float, path: str) -> None:
+        self.trial_id, self.experiment_tag, self.status = f"ray-{tid}", tid, "PENDING"
+        self.local_experiment_path = self.local_dir = path  # (PBT writes its policy log there)
+        self.config = {"trial_id": tid, "config": {"optimizer": {"lr": lr}}}
+        self.run_metadata = SimpleNamespace(checkpoint_manager=SimpleNamespace(
+            checkpoint_config=SimpleNamespace(num_to_keep=None), _latest_checkpoint_result=None))
+        self.temporary_state = SimpleNamespace(saving_to=None)
+        self.epoch, self.last_result = 0, {}
+
+    @property
+    def checkpoint(self) -> Any:
+        latest = self.run_metadata.checkpoint_manager._latest_checkpoint_result
+        return latest.checkpoint if latest else None
+
+    def is_finished(self) -> bool:
+        return self.status == "TERMINATED"
+
+    def set_status(self, status: str) -> None:
+        self.status = status
+
+    def set_config(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def set_experiment_tag(self, tag: str) -> None:
+        self.experiment_tag = tag
+
+
+class _PBTController:
+    search_alg = None
+
+    def __init__(self, trials: list[_PBTTrial]) -> None:
+        self.trials = trials
+
+    def get_trials(self) -> list[_PBTTrial]:
+        return self.trials
+
+    def get_live_trials(self) -> list[_PBTTrial]:
+        return [t for t in self.trials if not t.is_finished()]
+
+    def pause_trial(self, trial: _PBTTrial, should_checkpoint: bool = True) -> None:
+        trial.status = "PAUSED"
+
+    def _schedule_trial_save(self, trial: _PBTTrial, result: dict[str, Any]) -> Any:
+        return ("checkpoint", trial.config["trial_id"], trial.epoch)
+
+
+LRS = {"t0000": 0.02, "t0001": 0.01, "t0002": 0.03, "t0003": 0.04}  # t0001: the lowest score, exploits
+
+
+def _run_synch_pbt(points: dict[str, tuple[int, str | None, float | None]], rebuild: bool, path: Path,
+                   lrs: dict[str, float] = LRS, max_epochs: int = 4) -> tuple[dict[str, list[int]], int]:
+    """Tune's loop over a synchronous PBT population resumed from ``points``, without Ray: start every
+    trial the scheduler chooses (from the checkpoint Tune holds for it, else from where ``--resume``
+    put it), train each running one an epoch (val_acc = lr * epoch), act on the decision. Returns
+    each trial's epochs reported and how many exploits ran."""
+    import random as random_mod
+
+    from ray.train._internal.session import _TrainingResult
+
+    from cifar_tune.tuner import make_scheduler
+
+    random_mod.seed(0)  # (PBT draws its donors and perturbations from the random module)
+    sched = SchedulerSpec(name="pbt", max_epochs=max_epochs, perturbation_interval=1, synch=True,
+                          mutations={"optimizer": {"lr": {"loguniform": [0.003, 0.3]}}})
+    s = make_scheduler(sched, resume_points=points if rebuild else None)
+    s.set_search_properties("val_acc", "max")
+    trials = [_PBTTrial(tid, lrs[tid], str(path)) for tid in points]
+    ctrl, reported = _PBTController(trials), {tid: [] for tid in points}
+    for t in trials:
+        s.on_trial_add(ctrl, t)
+        t.epoch = points[t.config["trial_id"]][0]  # the trainable goes on from its --resume checkpoint
+    for _ in range(100):
+        while (chosen := s.choose_trial_to_run(ctrl)) is not None:
+            latest = chosen.run_metadata.checkpoint_manager._latest_checkpoint_result
+            if latest is not None:  # Tune restores it: its own pause, or an exploit's donor
+                chosen.epoch = latest.metrics["epoch"]
+            chosen.status = "RUNNING"
+        running = [t for t in trials if t.status == "RUNNING"]
+        if not running:
+            break
+        for t in running:
+            if t.status != "RUNNING":  # paused by another trial's exploit of it
+                continue
+            t.epoch += 1
+            result = {"epoch": t.epoch, "val_acc": t.config["config"]["optimizer"]["lr"] * t.epoch}
+            reported[t.config["trial_id"]].append(t.epoch)
+            t.last_result = result
+            action = s.on_trial_result(ctrl, t, result)
+            if t.epoch == sched.max_epochs:
+                s.on_trial_complete(ctrl, t, result)
+                t.status = "TERMINATED"
+            elif action == "PAUSE":
+                t.status = "PAUSED"
+                t.run_metadata.checkpoint_manager._latest_checkpoint_result = _TrainingResult(
+                    checkpoint=("checkpoint", t.config["trial_id"], t.epoch), metrics=result)
+    return reported, s._num_perturbations
+
+
+def test_a_resumed_synchronous_pbt_goes_on_from_its_checkpoints(tmp_path: Path) -> None:
+    """Killed while three trials waited at epoch 2 for the fourth (its checkpoint at epoch 1): the
+    rebuilt scheduler runs the fourth to the sync point, perturbs the population there (the waiting
+    trials ranked by their recorded scores, donors from their checkpoints) and every sync point after,
+    and the search ends. Started afresh, every trial's time is 0: the three report epoch 3 and wait, the
+    fourth reports 2, is ranked against their epoch 3, is the worst and copies an epoch-3 checkpoint
+    (skipping epoch 3), and Ray's next sync point becomes that time, 3: no paused trial is behind it,
+    none is chosen to run again, and the search waits for good."""
+    uri = str(tmp_path)
+    points = {"t0000": (2, uri, 0.04), "t0001": (1, uri, 0.01), "t0002": (2, uri, 0.06), "t0003": (2, uri, 0.08)}
+    reported, exploits = _run_synch_pbt(points, rebuild=True, path=tmp_path)
+    # every trial trains to the end, one report per epoch from its checkpoint (no epoch skipped by a
+    # waiting trial: synchronous exploits copy a checkpoint of the same epoch)
+    assert reported == {"t0000": [3, 4], "t0001": [2, 3, 4], "t0002": [3, 4], "t0003": [3, 4]}
+    assert exploits == 2  # one lower-quantile trial at each of the sync points 2 and 3
+    stuck, _ = _run_synch_pbt(points, rebuild=False, path=tmp_path)
+    assert stuck == {"t0000": [3], "t0001": [2], "t0002": [3], "t0003": [3]}, stuck
+
+
 def test_the_history_is_the_kept_epoch_rows(tmp_path: Path) -> None:
     """What run_search rebuilds the scheduler from: each kept row with a finite metric, its trial's
     fate, in the order recorded."""
@@ -217,6 +337,8 @@ SCHEDULERS: dict[str, dict[str, Any]] = {
     "hyperband": {"name": "hyperband", "max_epochs": 4, "reduction_factor": 2},
     "pbt": {"name": "pbt", "max_epochs": 4, "perturbation_interval": 1, "synch": False,
             "mutations": {"optimizer": {"lr": {"loguniform": [0.003, 0.3]}}}},
+    "pbt-synch": {"name": "pbt", "max_epochs": 4, "perturbation_interval": 1, "synch": True,
+                  "mutations": {"optimizer": {"lr": {"loguniform": [0.003, 0.3]}}}},
 }
 
 
@@ -230,7 +352,7 @@ def test_driver_sigkill_then_resume_ends_the_search(scheduler: str, tmp_path: Pa
     spec = json.loads(json.dumps(SPEC))
     spec["name"] = f"kill-{scheduler}"
     spec["search"]["scheduler"] = SCHEDULERS[scheduler]
-    if scheduler == "pbt":  # PBT's population runs together; the others one trial per CPU
+    if scheduler.startswith("pbt"):  # PBT's population runs together; the others one trial per CPU
         spec["search"]["resources"]["cpus_per_trial"] = 0.5
     elif scheduler != "hyperband":  # (validation refuses max_concurrent with hyperband: paused trials hold slots)
         spec["search"]["max_concurrent"] = 2
@@ -275,3 +397,4 @@ def test_driver_sigkill_then_resume_ends_the_search(scheduler: str, tmp_path: Pa
                           "--split", "val", "--device", "cpu"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"top-1 {row.last_val_acc:.4f}" in out.stdout
+
