@@ -280,7 +280,12 @@ def test_pbt_smoke_search_exploits_and_records_lineage(tmp_path: Path, synch: bo
     _one_row_per_epoch(epochs)
     assert (epochs.groupby("trial_id").epoch.max() == 6).all()
     exploits = epochs[epochs.restored_from.notna()]
-    assert len(exploits) >= 1, proc.stdout[-3000:]
+    # synchronous PBT ranks the whole population at each interval, so its bottom trial exploits; the
+    # asynchronous one ranks whoever has reported when a trial reaches an interval, which depends on the
+    # order the trials arrive in (on a loaded machine, possibly never the bottom one): its exploits, if
+    # any, are checked below, and its records under a forced exploit in test_results/test_retrain
+    if synch:
+        assert len(exploits) >= 1, proc.stdout[-3000:]
     bounds = {"optimizer.lr": (1e-3, 0.3), "optimizer.momentum": (0.5, 0.99)}
     for row in exploits.itertuples():
         assert row.restored_from in set(trials.trial_id) - {row.trial_id}
