@@ -106,7 +106,9 @@ class Storage:
         self.write_bytes(rel, buf.getvalue())
 
     def read_table(self, rel: str) -> pd.DataFrame:
-        return pq.read_table(io.BytesIO(self.read_bytes(rel))).to_pandas()
+        # one file, read whole: pq.read_table would scan it as a dataset with readahead threads, which
+        # have aborted a driver at exit ("arrow::Future" destructors after the interpreter began to stop)
+        return pq.ParquetFile(io.BytesIO(self.read_bytes(rel))).read().to_pandas()
 
     def list_dirs(self, rel: str = "") -> list[tuple[str, float]]:
         sel = pafs.FileSelector(self.path(rel) if rel else self.base, allow_not_found=True)

@@ -4,6 +4,7 @@ that continues the search from its stored spec."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shlex
@@ -143,7 +144,7 @@ def test_ctrl_c_exits_130_and_the_printed_command_continues_the_search(tmp_path:
         while time.monotonic() < deadline and not caught and driver.poll() is None:
             time.sleep(0.5)
             if trials_path.exists():
-                t = pd.read_parquet(trials_path)
+                t = pd.read_parquet(io.BytesIO(trials_path.read_bytes()))  # one read: the driver replaces the file
                 caught = "checkpoint_epoch" in t and bool(((t.trial_id == "t0000") & (t.status == "running") & (t.checkpoint_epoch == 1)).any())
         assert caught, (tmp_path / "driver.log").read_text()[-3000:]
         driver.send_signal(signal.SIGINT)  # Ctrl-C reaches the driver only (its Ray instance stops with it)

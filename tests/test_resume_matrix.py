@@ -4,6 +4,7 @@ repeated configs), and every scheduler's search killed mid-run (driver SIGKILL) 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -370,7 +371,7 @@ def test_driver_sigkill_then_resume_ends_the_search(scheduler: str, tmp_path: Pa
         while time.monotonic() < deadline and not caught and driver.poll() is None:
             time.sleep(0.5)
             if trials_path.exists():
-                t = pd.read_parquet(trials_path)
+                t = pd.read_parquet(io.BytesIO(trials_path.read_bytes()))  # one read: the driver replaces the file
                 caught = "checkpoint_epoch" in t and bool(((t.trial_id == "t0001") & (t.status == "running") & (t.epochs_run == 1)).any())
         assert caught, (tmp_path / "driver.log").read_text()[-3000:]
     finally:

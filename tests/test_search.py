@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -168,7 +169,7 @@ def test_resume_after_killing_the_driver(tmp_path: Path, capsys: pytest.CaptureF
     while time.monotonic() < deadline and victim is None and driver.poll() is None:
         time.sleep(0.5)
         if trials_path.exists():
-            t = pd.read_parquet(trials_path)
+            t = pd.read_parquet(io.BytesIO(trials_path.read_bytes()))  # one read: the driver replaces the file
             if "checkpoint_epoch" in t and (t.status == "completed").sum() >= 1:
                 mid = t[(t.trial_id == "t0002") & (t.status == "running") & (t.checkpoint_epoch == 2)]
                 victim = mid.iloc[0] if len(mid) else None
