@@ -418,6 +418,13 @@ def _ends_trial(result: dict[str, Any]) -> bool:
     return result.get("status") in ENDING_STATUSES
 
 
+def _unranked(result: dict[str, Any]) -> bool:
+    """A trial's last result that no scheduler can file: an ending report, or none of the trial's own.
+    A trial resumed from the checkpoint of its last epoch trains and reports nothing, and Tune completes
+    it with an empty result (median stopping would keep it as the trial's latest, without an epoch)."""
+    return _ends_trial(result) or "epoch" not in result
+
+
 class _EndingReports:
     """Mixed into every scheduler: a trial's ending report (diverged, out of memory) stops the trial
     without reaching the scheduler, which then hears that the trial was removed.
@@ -436,7 +443,7 @@ class _EndingReports:
         return super().on_trial_result(tune_controller, trial, result)  # type: ignore[misc]
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> None:
-        if _ends_trial(result):
+        if _unranked(result):
             self.on_trial_remove(tune_controller, trial)  # type: ignore[attr-defined]
             return
         super().on_trial_complete(tune_controller, trial, result)  # type: ignore[misc]
@@ -489,8 +496,8 @@ class _PBT(_EndingReports, PopulationBasedTraining):
         self._leave(tune_controller, trial)
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> None:
-        super().on_trial_complete(tune_controller, trial, result)  # (an ending report: on_trial_remove left)
-        if not _ends_trial(result):
+        super().on_trial_complete(tune_controller, trial, result)  # (an unranked result: on_trial_remove left)
+        if not _unranked(result):
             self._leave(tune_controller, trial)
 
     def _leave(self, tune_controller: Any, trial: Any) -> None:
@@ -504,14 +511,37 @@ class _PBT(_EndingReports, PopulationBasedTraining):
         if not waiting or not all(t.status == Trial.PAUSED and self._trial_state[t].last_train_time >= self._next_perturbation_sync
                                   for t in waiting):
             return
-        # what PopulationBasedTraining.on_trial_result does when the last trial reaches the interval
+        self._sync_now(tune_controller, waiting)
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Any:
+        """Ray's choice (the trial furthest behind the next sync point), and, synchronously, a way out
+        when there is none while nothing runs: every live trial is then waiting at the sync point, and
+        the one whose report would have perturbed them left or came back by another path (a worker
+        that died, restored from an earlier checkpoint). Without a perturbation nothing runs again."""
+        from ray.tune.experiment import Trial
+
+        chosen = super().choose_trial_to_run(tune_controller)
+        if chosen is not None or not self._synch:
+            return chosen
+        live = [t for t in tune_controller.get_live_trials() if t in self._trial_state]
+        if not live or any(t.status == Trial.RUNNING for t in live):
+            return None  # (a running trial still reports at the sync point and perturbs)
+        # (a pending one has no actor to save from: it is not perturbed, only let past the sync point)
+        self._sync_now(tune_controller, [t for t in live if t.status == Trial.PAUSED], live)
+        return super().choose_trial_to_run(tune_controller)
+
+    def _sync_now(self, tune_controller: Any, waiting: list[Any], population: list[Any] | None = None) -> None:
+        """What PopulationBasedTraining.on_trial_result does when the last trial reaches the interval:
+        the ``waiting`` (paused) trials are perturbed, and the next sync point is past ``population``."""
         lower, upper = self._quantiles()
-        time = max(self._trial_state[t].last_train_time for t in waiting)
-        for t in upper + [t for t in waiting if t not in lower and t not in upper] + lower:
-            self._trial_state[t].last_perturbation_time = time
-            self._checkpoint_or_exploit(t, tune_controller, upper, lower)
+        if waiting:
+            time = max(self._trial_state[t].last_train_time for t in waiting)
+            middle = [t for t in waiting if t not in upper and t not in lower]
+            for t in [t for t in upper + middle + lower if t in waiting]:  # donors saved before exploits
+                self._trial_state[t].last_perturbation_time = time
+                self._checkpoint_or_exploit(t, tune_controller, upper, lower)
         self._next_perturbation_sync = max(self._next_perturbation_sync + self._perturbation_interval,
-                                           max(self._trial_state[t].last_train_time for t in waiting))
+                                           max(self._trial_state[t].last_train_time for t in population or waiting))
 
     # Resumed (``--resume``): Ray's PBT starts with every trial at time 0 and the next sync at one
     # interval, while the trials go on from their checkpoints. Synchronously, a trial that had been

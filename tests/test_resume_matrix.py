@@ -120,6 +120,39 @@ def test_a_rebuilt_scheduler_decides_like_an_uninterrupted_one(sched: SchedulerS
     assert len(diverged_at) > 10  # the test can tell: afresh, the resumed search decides otherwise
 
 
+@pytest.mark.parametrize("sched", [
+    SchedulerSpec(name="asha", max_epochs=4, grace_period=1, reduction_factor=2),
+    SchedulerSpec(name="hyperband", max_epochs=4, reduction_factor=2),
+    SchedulerSpec(name="median", max_epochs=4, grace_period=1),
+    SchedulerSpec(name="fifo", max_epochs=4),
+], ids=lambda s: s.name)
+def test_a_resumed_trial_with_nothing_left_to_train_completes_quietly(sched: SchedulerSpec) -> None:
+    """A trial resumed from the checkpoint of its last epoch trains nothing and reports nothing: Tune
+    completes it with an empty result. The scheduler, rebuilt from the earlier run, must go on judging
+    the other trials (median stopping kept the empty result as the trial's latest: ``KeyError: 'epoch'``
+    at the next result of any other trial)."""
+    from cifar_tune.tuner import make_scheduler
+
+    history = [(t, {"epoch": e, "val_acc": 0.1 * e + (0.05 if t == "t0002" else 0)}, False)
+               for e in range(1, 5) for t in ("t0000", "t0001", "t0002") if t == "t0002" or e < 2]
+    s = make_scheduler(sched, history)
+    s.set_search_properties("val_acc", "max")
+    ctrl = _Controller()
+    class Trial(SimpleNamespace):
+        __hash__ = object.__hash__  # (hyperband files trials in dicts)
+
+    trials = {t: Trial(trial_id=f"ray-{t}", config={"trial_id": t}, status="RUNNING") for t in ("t0000", "t0001", "t0002")}
+    for t in trials.values():
+        s.on_trial_add(ctrl, t)
+    s.on_trial_complete(ctrl, trials["t0002"], {})  # its checkpoint was its last epoch: nothing reported
+    actions = []
+    for e in range(2, 5):
+        for t in ("t0000", "t0001"):
+            if "STOP" not in [a for tid, a in actions if tid == t]:
+                actions.append((t, s.on_trial_result(ctrl, trials[t], {"epoch": e, "val_acc": 0.1 * e})))
+    assert actions and all(a in ("CONTINUE", "STOP", "PAUSE") for _, a in actions)
+
+
 class _PBTTrial:
     """What PBT touches of a Ray trial: status, config, tag, and the checkpoint Tune restores it from."""
 

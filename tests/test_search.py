@@ -425,6 +425,46 @@ def test_synchronous_pbt_goes_on_when_a_straggler_leaves() -> None:
     assert pbt.choose_trial_to_run(SimpleNamespace(get_trials=lambda: [*waiting, straggler])) in waiting
 
 
+def test_synchronous_pbt_runs_again_when_every_live_trial_waits_at_the_sync_point() -> None:
+    """No Ray instance: nothing runs, two trials wait (paused) at the epoch-2 sync point and a third, back
+    from a dead worker by another path, is pending there too: no report is left to perturb them. Ray's
+    PBT would choose none of them, for good; ours perturbs the paused two, lets all three past the sync
+    point, and chooses one to run."""
+    from types import SimpleNamespace
+
+    from ray.tune.experiment import Trial as RayTrial
+    from ray.tune.schedulers.pbt import _PBTTrialState
+
+    from cifar_tune.spec import SchedulerSpec
+    from cifar_tune.tuner import make_scheduler
+
+    pbt = make_scheduler(SchedulerSpec(name="pbt", max_epochs=6, perturbation_interval=2, synch=True, quantile_fraction=0.5,
+                                       mutations={"optimizer": {"lr": {"loguniform": [1e-3, 0.3]}}}))
+    pbt.set_search_properties("val_acc", "max")
+
+    class Trial(SimpleNamespace):
+        __hash__ = object.__hash__
+
+        def is_finished(self) -> bool:
+            return False
+
+    paused = [Trial(trial_id=f"t000{i}", experiment_tag="", status=RayTrial.PAUSED) for i in range(2)]
+    pending = Trial(trial_id="t0002", experiment_tag="", status=RayTrial.PENDING)
+    everyone = [*paused, pending]
+    for t, score in zip(everyone, [0.2, 0.8, 0.5], strict=True):
+        pbt._trial_state[t] = _PBTTrialState(t)
+        pbt._trial_state[t].last_score, pbt._trial_state[t].last_train_time = score, 2
+    pbt._next_perturbation_sync = 2
+    perturbed: list[str] = []
+    pbt._checkpoint_or_exploit = lambda t, c, upper, lower: perturbed.append(t.trial_id)
+    controller = SimpleNamespace(get_live_trials=lambda: everyone, get_trials=lambda: everyone)
+    assert pbt.choose_trial_to_run(controller) in everyone
+    assert sorted(perturbed) == ["t0000", "t0001"] and pbt._next_perturbation_sync == 4
+    pending.status = RayTrial.RUNNING  # while one runs, the others wait for its report as Ray's PBT does
+    pbt._next_perturbation_sync = 2
+    assert pbt.choose_trial_to_run(controller) is None and pbt._next_perturbation_sync == 2
+
+
 @pytest.mark.parametrize("cpus,gpus,cpu,gpu,expected", [
     (1, 0, 0.1, 0, 10),  # 1 // 0.1 == 9.0 in floats
     (0.9, 0, 0.3, 0, 3),  # 0.9 // 0.3 == 2.0
