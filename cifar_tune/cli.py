@@ -23,8 +23,8 @@ def _fmt_config(config: dict[str, Any]) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from cifar_tune.space import Sampler, iter_dists
-    from cifar_tune.spec import load_spec
+    from cifar_tune.spec.parse import load_spec
+    from cifar_tune.spec.space import Sampler, iter_dists
 
     spec = load_spec(args.spec, args.set)
     searched = [p for p, d in iter_dists(spec.space, "space")]
@@ -41,9 +41,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    from cifar_tune.budget import search_budget
-    from cifar_tune.search import checkpoint_disk_line, make_sampler, num_trials
-    from cifar_tune.spec import load_spec
+    from cifar_tune.spec.parse import load_spec
+    from cifar_tune.tuning.budget import search_budget
+    from cifar_tune.tuning.progress import checkpoint_disk_line
+    from cifar_tune.tuning.sources import make_sampler, num_trials
 
     spec = load_spec(args.spec, args.set)
     sampler = make_sampler(spec)
@@ -81,8 +82,8 @@ class _MemoryCheck:
     """``preview``: each sampled config's estimated GPU memory against its share of a GPU."""
 
     def __init__(self, spec: Any, gpu_memory_gb: float | None) -> None:
-        from cifar_tune import data as data_mod
-        from cifar_tune.devices import gpu_memory_mb
+        from cifar_tune.engine import data as data_mod
+        from cifar_tune.engine.devices import gpu_memory_mb
 
         self.gpus_per_trial = spec.search.resources.gpus_per_trial
         self.info = data_mod.dataset_info(spec.data)
@@ -92,7 +93,7 @@ class _MemoryCheck:
         self.over: list[float] = []
 
     def line(self, config: dict[str, Any]) -> str:
-        from cifar_tune.devices import estimate_config_memory_mb
+        from cifar_tune.engine.devices import estimate_config_memory_mb
 
         if not self.gpus_per_trial:
             return ""
@@ -116,8 +117,8 @@ class _MemoryCheck:
 
 
 def cmd_model_info(args: argparse.Namespace) -> int:
-    from cifar_tune.models import build_model, model_info
-    from cifar_tune.spec import load_yaml
+    from cifar_tune.engine.models import build_model, model_info
+    from cifar_tune.spec.parse import load_yaml
 
     path = Path(args.model)
     if not path.is_file():
@@ -138,10 +139,10 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cifar_tune import data as data_mod
-    from cifar_tune.search import make_sampler
-    from cifar_tune.spec import load_spec
-    from cifar_tune.trial import TrialSetup, run_trial
+    from cifar_tune.engine import data as data_mod
+    from cifar_tune.spec.parse import load_spec
+    from cifar_tune.tuning.sources import make_sampler
+    from cifar_tune.tuning.trial import TrialSetup, run_trial
 
     spec = load_spec(args.spec, args.set)
     setup = TrialSetup(data=spec.data, epochs=args.epochs or spec.search.scheduler.max_epochs, seed=spec.search.seed)
@@ -154,7 +155,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"epoch {m['epoch']:>3}  train_loss {m['train_loss']:.4f} train_acc {m['train_acc']:.4f}{val}"
               f"  lr {m['lr']:.2e}  {m['images_per_s']:,.0f} img/s  {m['epoch_time_s']:.1f}s", flush=True)
 
-    from cifar_tune.devices import parse_device
+    from cifar_tune.engine.devices import parse_device
 
     try:
         device = parse_device(args.device)
@@ -170,8 +171,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     """Exit 0: every trial finished and at least one trained; 1: none did; 130: interrupted (Ctrl-C),
     with the command that continues it printed."""
     from cifar_tune.results import FINISHED
-    from cifar_tune.search import num_trials, run_search, stored_spec
-    from cifar_tune.spec import load_spec
+    from cifar_tune.spec.parse import load_spec
+    from cifar_tune.tuning.driver import run_search, stored_spec
+    from cifar_tune.tuning.sources import num_trials
 
     overrides = [*args.set, *tracking_overrides(args)]
     resume = args.resume is not None
@@ -212,8 +214,8 @@ def tracking_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from cifar_tune.dashboard import serve
     from cifar_tune.results import find_experiment
+    from cifar_tune.watch.dashboard import serve
 
     serve(find_experiment(args.storage, args.experiment), port=args.port)
     return EXIT_OK
@@ -240,7 +242,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from cifar_tune.devices import parse_device
+    from cifar_tune.engine.devices import parse_device
     from cifar_tune.retrain import run_evaluate
 
     try:
@@ -269,7 +271,8 @@ def _checkpoints(target: str, storage: str) -> list[str]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from cifar_tune.bench import BenchOptions, markdown, run_benches, write_report
+    from cifar_tune.bench.common import BenchOptions
+    from cifar_tune.bench.run import markdown, run_benches, write_report
 
     # several models: rows a-d for each, the search (row e) once, with the first model
     models = [] if args.no_throughput else args.model.split(",")
@@ -281,8 +284,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         report = run_benches(opts)
         if args.pack or args.workflow:
-            from cifar_tune.bench import model_config
-            from cifar_tune.bench_pack import run_gpu_benches
+            from cifar_tune.bench.common import model_config
+            from cifar_tune.bench.pack import run_gpu_benches
 
             report.update(run_gpu_benches(args, model_config))
     except ValueError as e:
@@ -434,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:  # data-layer errors that are the user's to fix
-        from cifar_tune.data import DataError
+        from cifar_tune.engine.data import DataError
 
         if isinstance(e, DataError):
             print(f"error: {e}", file=sys.stderr)

@@ -17,10 +17,11 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import NullFormatter
 
+from cifar_tune.engine.features import TSNE_TABLE
 from cifar_tune.errors import UserError
-from cifar_tune.features import TSNE_TABLE
 from cifar_tune.results import Experiment
-from cifar_tune.retrain import StoredSpec, load_stored_spec, rank_trials, ranking_rule, summarize_config
+from cifar_tune.retrain import rank_trials, ranking_rule, summarize_config
+from cifar_tune.spec.stored import StoredSpec, load_stored_spec
 
 Printer = Callable[[str], None]
 STATUS_COLORS = {"completed": "tab:green", "stopped": "tab:blue", "diverged": "tab:red", "error": "tab:gray", "oom": "tab:purple"}
@@ -90,7 +91,7 @@ def is_log_scale(col: str, values: pd.Series) -> bool:
 
 def _class_names(exp: Experiment, stored: StoredSpec, num_classes: int, retrain: pd.DataFrame | None) -> list[str]:
     """From the dataset (CIFAR needs no files), else from a checkpoint, else class_<i>."""
-    from cifar_tune import data as data_mod
+    from cifar_tune.engine import data as data_mod
 
     try:
         names = list(data_mod.dataset_info(stored.data).classes)
@@ -327,7 +328,7 @@ def _importance_study(rows: list[tuple[list[Any], float]], mode: str) -> Any:
     """An in-memory Optuna study of (searched params, value) pairs; one range per parameter."""
     import optuna
 
-    from cifar_tune.searched import Param
+    from cifar_tune.spec.searched import Param
 
     bounds: dict[str, tuple[float, float]] = {}
     for params, _ in rows:
@@ -362,7 +363,7 @@ def hyperparameter_importance(space: dict[str, Any], trials: pd.DataFrame, epoch
                               mode: str, epoch: int) -> list[Importance]:
     """PED-ANOVA importance of the searched parameters for ``metric`` at ``epoch``: over all trials
     (the parameters every trial has) and then per branch of each choice (its own parameters)."""
-    from cifar_tune.searched import branch_of, searched_params
+    from cifar_tune.spec.searched import branch_of, searched_params
 
     at = epochs[(epochs["epoch"] == epoch)].set_index("trial_id")[metric]
     rows = []
@@ -400,7 +401,7 @@ def _importance_lines(exp: Experiment, trials: pd.DataFrame, epochs: pd.DataFram
     if fid is None:
         return md + [f"Not computed: fewer than {IMPORTANCE_MIN_TRIALS} trials reached a common epoch.", ""]
     epoch, n_at, total = fid
-    from cifar_tune.dashboard import stored_space
+    from cifar_tune.watch.dashboard import stored_space
 
     sections = hyperparameter_importance(stored_space(exp), trials, epochs, metric, mode, epoch)
     md += [

@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from cifar_tune.errors import UserError
-from cifar_tune.spec import check_name
+from cifar_tune.spec.fields import check_name
 
 DEFAULT_ROOT = "experiments"
 FINISHED = ("completed", "stopped", "diverged", "error", "oom")
@@ -260,7 +260,7 @@ def run_metadata() -> dict[str, Any]:
 
     import cifar_tune
 
-    def installed(dist: str) -> str | None:  # without importing it (Ray stays in tuner.py)
+    def installed(dist: str) -> str | None:  # without importing it (Ray stays in the tuning layer)
         try:
             return version(dist)
         except PackageNotFoundError:
@@ -474,7 +474,7 @@ class TrialLog:
         disk (a trials.parquet written before checkpoints were recorded at once may name one Tune has
         deleted since). If it is not, the trial continues from its newest checkpoint that is on disk and
         whose epoch row is recorded; with none, it starts over."""
-        from cifar_tune.trial import CHECKPOINT_FILE
+        from cifar_tune.tuning.trial import CHECKPOINT_FILE
 
         row = self.rows[trial_id]
         if not row.get("checkpoint") or self.exp.has(f"{row['checkpoint']}/{CHECKPOINT_FILE}"):

@@ -29,55 +29,17 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import yaml
 
-from cifar_tune import data as data_mod
-from cifar_tune import tracking
-from cifar_tune.errors import ErrorList, UserError
+from cifar_tune.engine import data as data_mod
+from cifar_tune.errors import UserError
 from cifar_tune.results import Experiment
-from cifar_tune.spec import DataSpec, RetrainSpec, SearchSpec, TrackingSpec, parse_dataclass
-from cifar_tune.trial import CHECKPOINT_FILE, CHECKPOINT_FORMAT
+from cifar_tune.spec.schema import DataSpec
+from cifar_tune.spec.stored import StoredSpec, data_spec_from_dict, load_stored_spec
+from cifar_tune.tuning.trial import CHECKPOINT_FILE, CHECKPOINT_FORMAT
+from cifar_tune.watch import tracking
 
 Printer = Callable[[str], None]
 ELIGIBLE = ("completed", "stopped")  # diverged/error/oom/pending/running/interrupted cannot be ranked
-
-
-# ------------------------------------------------------------------------------------ stored spec
-
-
-@dataclass(frozen=True)
-class StoredSpec:
-    """The parts of an experiment's resolved spec that retrain/report need."""
-
-    name: str
-    data: DataSpec
-    search: SearchSpec
-    retrain: RetrainSpec
-    tracking: TrackingSpec = TrackingSpec()
-
-
-def load_stored_spec(exp: Experiment) -> StoredSpec:
-    """Parse ``spec.yaml``'s data/search/retrain sections (the space is not needed: configs are stored)."""
-    raw = yaml.safe_load(exp.read_text("spec.yaml"))
-    spec = raw.get("spec") if isinstance(raw, dict) else None
-    if not isinstance(spec, dict):
-        raise UserError(f"{exp.uri('spec.yaml')}: not a cifar-tune experiment spec (no 'spec' mapping)")
-    errors = ErrorList()
-    data = parse_dataclass(DataSpec, spec.get("data"), "data", errors)
-    search = parse_dataclass(SearchSpec, spec.get("search"), "search", errors)
-    retrain = parse_dataclass(RetrainSpec, spec.get("retrain"), "retrain", errors)
-    tracking = parse_dataclass(TrackingSpec, spec.get("tracking"), "tracking", errors)
-    if errors:
-        raise UserError(f"{exp.uri('spec.yaml')}: {errors.items[0]}")
-    return StoredSpec(name=str(spec.get("name", exp.name)), data=data, search=search, retrain=retrain, tracking=tracking)
-
-
-def data_spec_from_dict(d: dict[str, Any], where: str) -> DataSpec:
-    errors = ErrorList()
-    spec = parse_dataclass(DataSpec, d, "data", errors)
-    if errors:
-        raise UserError(f"{where}: {errors.items[0]}")
-    return spec
 
 
 # ------------------------------------------------------------------------------------------ ranking
@@ -164,10 +126,10 @@ def retrain_one(
 
     ``device``: what Ray assigned the task (CPU if None); ``memory_fraction``: its share of that GPU.
     """
-    from cifar_tune import devices
-    from cifar_tune.models import build_model, model_info
-    from cifar_tune.train import evaluate, fit
-    from cifar_tune.transfer import apply as apply_transfer
+    from cifar_tune.engine import devices
+    from cifar_tune.engine.models import build_model, model_info
+    from cifar_tune.engine.train import evaluate, fit
+    from cifar_tune.engine.transfer import apply as apply_transfer
 
     torch.set_num_threads(max(1, threads))  # as many threads as the task reserved CPUs
     t0 = time.perf_counter()
@@ -452,8 +414,9 @@ def _refit(
     exp: Experiment, stored: StoredSpec, chosen: pd.DataFrame, *, epochs: int, seeds: int, rank_by: str, rule: str,
     address: str | None, num_cpus: int | None, out: Printer, dashboard: bool = False,
 ) -> pd.DataFrame:
-    from cifar_tune import tuner
-    from cifar_tune.search import print_cluster, search_mps
+    from cifar_tune.tuning import cluster as cluster_mod
+    from cifar_tune.tuning import tasks, tuner
+    from cifar_tune.tuning.driver import print_cluster, search_mps
 
     data_mod.prepare(stored.data)
     test = data_mod.load_test(stored.data)  # the one read of the test split, here in the driver
@@ -461,12 +424,12 @@ def _refit(
     # retrain on a machine that cannot run it (the search's `on` on another machine) goes on without
     res_spec = stored.search.resources
     mps, _ = search_mps(replace(res_spec, mps="auto" if res_spec.mps == "on" else res_spec.mps),
-                        joins=tuner.joins_cluster(address))
-    cluster = tuner.connect(address, dashboard=dashboard, num_cpus=num_cpus, mps=mps, out=out)
+                        joins=cluster_mod.joins_cluster(address))
+    cluster = cluster_mod.connect(address, dashboard=dashboard, num_cpus=num_cpus, mps=mps, out=out)
     print_cluster(cluster, out)
     try:
         res = tuner.trial_resources(stored.search.resources, cluster)
-        test_ref = tuner.put(test)  # stored once, shared by every task
+        test_ref = tasks.put(test)  # stored once, shared by every task
         trials = chosen.to_dict("records")
         calls = [
             {"trial_id": t["trial_id"], "seed_index": s, "seed": retrain_seed(stored.search.seed, t["trial_id"], s),
@@ -480,9 +443,9 @@ def _refit(
         rows = _collect(exp, stored, trials, calls, res, epochs=epochs, rank_by=rank_by, out=out, top=top)
     finally:
         if cluster.started_here:
-            tuner.shutdown()
-    if top:  # t-SNE of the top model's penultimate features on the test split read above (cifar_tune.features)
-        from cifar_tune.features import write_feature_map
+            cluster_mod.shutdown()
+    if top:  # t-SNE of the top model's penultimate features on the test split read above (cifar_tune.engine.features)
+        from cifar_tune.engine.features import write_feature_map
 
         (result, config), = top
         write_feature_map(exp, result["state_dict"], config, result["info"], test, trial_id=result["trial_id"], out=out)
@@ -501,12 +464,12 @@ def _collect(
 ) -> list[dict[str, Any]]:
     """Checkpoint and record each run as it finishes; the table is rewritten after every run. ``top``
     receives (result, config) of the rank-1 config's lowest completed seed (for the feature map)."""
-    from cifar_tune import tuner
+    from cifar_tune.tuning import tasks
 
     by_id = {t["trial_id"]: t for t in trials}
     rows: list[dict[str, Any]] = []
     t0 = time.monotonic()
-    for i, result in tuner.run_tasks(retrain_one, calls, cpus=res["cpu"], gpus=res["gpu"], on_progress=_epoch_printer(out)):
+    for i, result in tasks.run_tasks(retrain_one, calls, cpus=res["cpu"], gpus=res["gpu"], on_progress=_epoch_printer(out)):
         trial = by_id[result["trial_id"]]
         ckpt = None
         if result["status"] == "completed":
@@ -554,9 +517,9 @@ def override_data(ckpt_data: DataSpec, value: str) -> DataSpec:
 def evaluate_checkpoint(ckpt: dict[str, Any], data: DataSpec, split: str, where: str,
                         device: torch.device | None = None) -> CheckpointEval:
     """Rebuild the model from the checkpoint and evaluate it with the normalisation it was trained with."""
-    from cifar_tune.devices import parse_device
-    from cifar_tune.models import build_model
-    from cifar_tune.train import evaluate
+    from cifar_tune.engine.devices import parse_device
+    from cifar_tune.engine.models import build_model
+    from cifar_tune.engine.train import evaluate
 
     info = data_mod.dataset_info(data)
     want = (ckpt["num_classes"], ckpt["in_channels"], ckpt["image_size"])

@@ -6,7 +6,7 @@
 ``aggregate`` reads what the steps left in OUT (env.json, steps.tsv, gpu_tests.xml, bench_rows.json,
 bench_pack.json, bench_workflow.json; any may be missing) and writes OUT/bench_gpu.json and
 OUT/bench_gpu.md: GPU, driver, torch/CUDA versions, each step's status and every figure, the full
-seed-000 workflow projected from the measured packing rates, and the issue's targets side by side.
+seed-000 workflow projected from the measured packing rates, and the GPU targets side by side.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def env(device: str) -> dict[str, Any]:
             out[f"import {mod}"] = f"{type(e).__name__}: {e}"[:160]
     if device != "cuda" or not torch.cuda.is_available():
         return out
-    from cifar_tune import devices
+    from cifar_tune.engine import devices
 
     props = torch.cuda.get_device_properties(0)
     out.update(gpu=props.name, capability=list(torch.cuda.get_device_capability(0)),
@@ -128,7 +128,7 @@ def _steps(path: Path) -> list[dict[str, Any]]:
 
 
 def summarise(out_dir: Path, dry: bool, total_s: float | None) -> dict[str, Any]:
-    from cifar_tune.bench_pack import project_workflow
+    from cifar_tune.bench.pack import project_workflow
 
     report: dict[str, Any] = {"dry_run": dry, "total_s": total_s, "env": _read_json(out_dir / "env.json"),
                               "steps": _steps(out_dir / "steps.tsv"), "gpu_tests": _tests(out_dir / "gpu_tests.xml")}
@@ -219,7 +219,7 @@ def markdown(report: dict[str, Any]) -> str:
         if "ops_per_step" in r:
             lines.append(f"| ATen ops per step | {r['ops_per_step']} |")
     if report.get("packing"):
-        from cifar_tune.bench_pack import markdown as pack_markdown
+        from cifar_tune.bench.pack import markdown as pack_markdown
 
         lines += pack_markdown({k: report[k] for k in ("packing", "packing_errors", "workflow", "projection") if k in report})
     lines += ["", "### targets (one H200)", "", "| target | measured | goal | met |", "|---|---:|---:|---|"]

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cifar_tune import data
+from cifar_tune.engine import data, formats
 
 
 def _md5(path: Path) -> str:
@@ -79,7 +79,7 @@ def write_fake_stl10(workdir: Path, num_train: int = 100, num_test: int = 50, se
     The images are the learnable synthetic set at 96x96 (10 classes), so a model can fit them; X files hold
     each image channel by channel, column-major, and y files labels 1..10, as the real release does.
     """
-    from cifar_tune.spec import SyntheticSpec
+    from cifar_tune.spec.schema import SyntheticSpec
 
     src = data.CIFAR_SOURCES["stl10"]
     folder = workdir / "build" / src.folder
@@ -131,7 +131,7 @@ def fake_cifar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Call
         else:
             fake = write_fake_cifar(tmp_path / key, key, per_file, seed)
         monkeypatch.setitem(data.CIFAR_SOURCES, key, fake.source)
-        monkeypatch.setattr(data, "_download_archive", serve_from(fake.server))
+        monkeypatch.setattr(formats, "_download_archive", serve_from(fake.server))
         data.clear_cache()
         return fake
 
@@ -209,9 +209,9 @@ def watched_search(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     import ray
 
-    from cifar_tune import tuner
-    from cifar_tune.search import run_search
-    from cifar_tune.spec import parse_spec
+    from cifar_tune.spec.parse import parse_spec
+    from cifar_tune.tuning import trainable
+    from cifar_tune.tuning.driver import run_search
 
     root = tmp_path_factory.mktemp("watched")
     raw = {**WATCHED_SPEC, "tracking": {"mlflow": {"uri": str(root / "mlruns")},
@@ -225,7 +225,7 @@ def watched_search(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     def scrape() -> None:  # as Prometheus would: every node's endpoint, repeatedly
         while not stop.wait(0.5):
-            for url in tuner.metrics_export_urls():
+            for url in trainable.metrics_export_urls():
                 try:
                     text = urllib.request.urlopen(url, timeout=5).read().decode()
                 except OSError:

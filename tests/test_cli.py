@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import torch
 
-from cifar_tune import trial as trial_mod
 from cifar_tune.cli import main
-from cifar_tune.spec import load_spec
-from cifar_tune.trial import TrialSetup, run_trial
+from cifar_tune.spec.parse import load_spec
+from cifar_tune.tuning import trial as trial_mod
+from cifar_tune.tuning.trial import TrialSetup, run_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "search_spaces" / "smoke.yaml")
@@ -70,7 +70,7 @@ def test_out_of_memory_is_recorded_not_raised(monkeypatch: pytest.MonkeyPatch) -
         result = run_trial({"model": {"family": "mlp", "hidden": [8]}}, TrialSetup(spec.data, 1, 0),
                            trial_id="t0009", report=lambda m, c=None: reports.append(m), device="cpu")
     finally:
-        from cifar_tune import data
+        from cifar_tune.engine import data
 
         data.allow_test()
     assert result.status == "oom"

@@ -18,15 +18,15 @@ import pytest
 import torch
 import yaml
 
-from cifar_tune import data as data_mod
-from cifar_tune import devices
-from cifar_tune.augment import AUGMENTS
-from cifar_tune.data import load_splits
-from cifar_tune.models import build_model
-from cifar_tune.optim import OPTIMIZERS, SCHEDULES
-from cifar_tune.spec import DataSpec, SyntheticSpec
-from cifar_tune.train import fit
-from cifar_tune.trial import TrialSetup, run_trial
+from cifar_tune.engine import data as data_mod
+from cifar_tune.engine import devices
+from cifar_tune.engine.augment import AUGMENTS
+from cifar_tune.engine.data import load_splits
+from cifar_tune.engine.models import build_model
+from cifar_tune.engine.optim import OPTIMIZERS, SCHEDULES
+from cifar_tune.engine.train import fit
+from cifar_tune.spec.schema import DataSpec, SyntheticSpec
+from cifar_tune.tuning.trial import TrialSetup, run_trial
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -222,7 +222,7 @@ def test_evaluate_syncs_a_fixed_number_of_times_not_per_batch(where: str, fresh_
     pageable copy per batch, also for a split on the host (retrain's test split comes from the driver)."""
     import warnings
 
-    from cifar_tune.train import evaluate
+    from cifar_tune.engine.train import evaluate
 
     train, val = load_splits(DATA, CUDA if where == "cuda" else torch.device("cpu"))
     info = data_mod.dataset_info(DATA)
@@ -244,7 +244,7 @@ def test_evaluate_syncs_a_fixed_number_of_times_not_per_batch(where: str, fresh_
 
 def test_strict_sync_does_catch_a_sync(fresh_cuda: None) -> None:
     """The guard is real: an ``.item()`` inside it raises."""
-    from cifar_tune.train import _no_host_sync
+    from cifar_tune.engine.train import _no_host_sync
 
     x = torch.ones(3, device=CUDA)
     with pytest.raises(RuntimeError, match="synchroniz"), _no_host_sync(CUDA, strict=True):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from cifar_tune.augment import AUGMENTS
-from cifar_tune.data import DATASETS
-from cifar_tune.models import MODELS
-from cifar_tune.optim import OPTIMIZERS, SCHEDULES
+from cifar_tune.engine.augment import AUGMENTS
+from cifar_tune.engine.data import DATASETS
+from cifar_tune.engine.models import MODELS
+from cifar_tune.engine.optim import OPTIMIZERS, SCHEDULES
 from cifar_tune.registry import Registry, UnknownNameError
 
 

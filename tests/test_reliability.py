@@ -23,7 +23,7 @@ import yaml
 from cifar_tune.cli import main
 from cifar_tune.errors import UserError
 from cifar_tune.results import Experiment, Storage, TrialLog
-from cifar_tune.spec import load_yaml
+from cifar_tune.spec.parse import load_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = load_yaml((ROOT / "search_spaces" / "smoke.yaml").read_text())
@@ -60,7 +60,7 @@ def _corrupt_cifar(tmp: Path) -> dict[str, Any]:
 
 
 def _experiment_with_one_usable_trial(tmp: Path) -> str:
-    from cifar_tune.spec import parse_spec
+    from cifar_tune.spec.parse import parse_spec
 
     exp = Experiment(str(tmp / "experiments"), "done")
     exp.write_text("spec.yaml", yaml.safe_dump({"spec": parse_spec(copy.deepcopy(SMOKE)).to_dict(), "meta": {}}))
@@ -296,7 +296,7 @@ def test_pickle_payload_in_yaml_is_never_executed(tmp_path: Path, capsys: pytest
 
 def test_cifar_pickle_reader_does_not_execute_code(tmp_path: Path) -> None:
     """CIFAR batches are pickles; a malicious 'batch' must not run code when read."""
-    from cifar_tune import data
+    from cifar_tune.engine import formats
 
     marker = tmp_path / "pwned"
 
@@ -308,7 +308,7 @@ def test_cifar_pickle_reader_does_not_execute_code(tmp_path: Path) -> None:
     folder.mkdir()
     (folder / "data_batch_1").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(Exception):  # noqa: B017 - any refusal is fine; executing is not
-        data._read_pickle(folder / "data_batch_1")
+        formats._read_pickle(folder / "data_batch_1")
     assert not marker.exists()
 
 
@@ -317,9 +317,9 @@ def test_dashboard_binds_localhost_with_token_auth() -> None:
     import urllib.error
     import urllib.request
 
-    from cifar_tune import tuner
+    from cifar_tune.tuning import cluster
 
-    info = tuner.connect(None, dashboard=True, num_cpus=1)
+    info = cluster.connect(None, dashboard=True, num_cpus=1)
     try:
         assert info.dashboard_url is not None and info.dashboard_url.startswith("http://127.0.0.1:")
         assert info.token_auth
@@ -327,15 +327,15 @@ def test_dashboard_binds_localhost_with_token_auth() -> None:
             urllib.request.urlopen(info.dashboard_url + "/api/version", timeout=20)
         assert e.value.code == 401  # no token, no dashboard
     finally:
-        tuner.shutdown()
+        cluster.shutdown()
 
 
 @pytest.mark.ray
 @pytest.mark.parametrize("mode", ["DISABLED", "token"])
 def test_token_auth_reports_what_ray_did(mode: str) -> None:
     """Ray reads RAY_AUTH_MODE case-insensitively: "DISABLED" turns token auth off, and RayInfo says so."""
-    code = ("from cifar_tune import tuner; i = tuner.connect(None, dashboard=False, num_cpus=1); "
-            "print('token_auth', i.token_auth); tuner.shutdown()")
+    code = ("from cifar_tune.tuning import cluster; i = cluster.connect(None, dashboard=False, num_cpus=1); "
+            "print('token_auth', i.token_auth); cluster.shutdown()")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
                           env={**os.environ, "RAY_AUTH_MODE": mode})
     assert proc.returncode == 0, proc.stderr[-2000:]

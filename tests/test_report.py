@@ -14,7 +14,7 @@ from cifar_tune.cli import main
 from cifar_tune.report import build_report, is_log_scale, survival_counts, varying_config_columns
 from cifar_tune.results import Experiment, TrialLog
 from cifar_tune.retrain import leaderboard_markdown, ranking_rule, retrain_frame, write_retrain_table
-from cifar_tune.spec import load_spec
+from cifar_tune.spec.parse import load_spec
 
 SMOKE = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -171,8 +171,8 @@ def test_report_draws_pbt_lineage(tmp_path: Path) -> None:
 
 def _importance_tables(n: int = 120) -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     """Trials whose epoch-2 metric depends on the optimizer and on sgd's lr only; batch size is noise."""
-    from cifar_tune.search import make_sampler
-    from cifar_tune.spec import parse_spec
+    from cifar_tune.spec.parse import parse_spec
+    from cifar_tune.tuning.sources import make_sampler
 
     raw = yaml.safe_load(SMOKE.read_text())
     raw["space"]["optimizer"] = {"choice": [

@@ -111,7 +111,7 @@ def test_an_oom_report_adds_no_epoch_row_and_keeps_epochs_run(tmp_path: Path) ->
     log.trial_result("t0000", _epoch(1, 0.3))
     log.trial_result("t0000", _epoch(2, 0.4))
     oom = {"trial_id": "t0000", "params": 7, "status": "oom", "error": "out of memory: CUDA"}
-    log.trial_result("t0000", oom)  # what trial.py reports when epoch 3 runs out of memory
+    log.trial_result("t0000", oom)  # what tuning/trial.py reports when epoch 3 runs out of memory
     log.trial_finished("t0000", oom)
     trials, epochs = _frames_of(tmp_path)
     t = trials.set_index("trial_id").loc["t0000"]
@@ -179,8 +179,8 @@ def test_spec_yaml_records_every_resume(tmp_path: Path) -> None:
     """spec.yaml does not go stale: the spec as last run, the first run's meta, one entry per --resume."""
     import yaml
 
-    from cifar_tune.search import record_run
-    from cifar_tune.spec import load_yaml, parse_spec
+    from cifar_tune.spec.parse import load_yaml, parse_spec
+    from cifar_tune.tuning.driver import record_run
 
     smoke = load_yaml((Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml").read_text())
     exp = Experiment(str(tmp_path), "exp")
@@ -217,8 +217,8 @@ def test_an_oom_trial_keeps_the_peak_its_failed_epoch_reached(tmp_path: Path) ->
     packed search shows every trial's peak against its cap. Trials that did not run out have none."""
     import torch
 
-    from cifar_tune.spec import DataSpec, SyntheticSpec
-    from cifar_tune.trial import TrialSetup, run_trial
+    from cifar_tune.spec.schema import DataSpec, SyntheticSpec
+    from cifar_tune.tuning.trial import TrialSetup, run_trial
 
     reports: list[dict] = []
     data = DataSpec(dataset="synthetic", synthetic=SyntheticSpec(num_train=64, num_test=8, num_classes=2, image_size=8))
@@ -229,7 +229,7 @@ def test_an_oom_trial_keeps_the_peak_its_failed_epoch_reached(tmp_path: Path) ->
                   trial_id="t0000", report=lambda m, c=None: reports.append(m), device=torch.device("cpu"))
     finally:
         mp.undo()
-        from cifar_tune import data as data_mod
+        from cifar_tune.engine import data as data_mod
 
         data_mod.allow_test()
     assert reports[-1]["status"] == "oom" and "gpu_mem_peak_mb" in reports[-1]  # None on the CPU

@@ -26,10 +26,10 @@ from trackers import (
     wandb_runs_by_id,
 )
 
-from cifar_tune import data
 from cifar_tune.cli import main
-from cifar_tune.search import trial_label
-from cifar_tune.spec import DataSpec
+from cifar_tune.engine import data
+from cifar_tune.results import trial_label
+from cifar_tune.spec.schema import DataSpec
 
 SPEC: dict[str, Any] = {
     "name": "cli",

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
-from cifar_tune import data
 from cifar_tune.cli import main
+from cifar_tune.engine import data
 from cifar_tune.errors import UserError
 from cifar_tune.retrain import rank_trials, select_top
 
@@ -131,8 +131,8 @@ def ray_local() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def searched(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from cifar_tune.search import run_search
-    from cifar_tune.spec import load_spec
+    from cifar_tune.spec.parse import load_spec
+    from cifar_tune.tuning.driver import run_search
 
     root = tmp_path_factory.mktemp("storage")
     loads_before = data.test_loads
@@ -157,8 +157,8 @@ def test_search_never_reads_the_test_split_but_retrain_does(retrained: dict[str,
 
 
 def test_trials_forbid_the_test_split() -> None:
-    from cifar_tune.spec import load_spec
-    from cifar_tune.trial import TrialSetup, run_trial
+    from cifar_tune.spec.parse import load_spec
+    from cifar_tune.tuning.trial import TrialSetup, run_trial
 
     spec = load_spec(SMOKE)
     config = {"model": {"family": "mlp", "hidden": [8]}, "optimizer": {"name": "sgd", "lr": 0.05}, "train": {"batch_size": 64}}
@@ -213,7 +213,7 @@ def test_leaderboard_and_checkpoints(retrained: dict[str, Any]) -> None:
         assert set(ckpt) >= {"state_dict", "config", "num_classes", "in_channels", "image_size", "mean", "std", "classes", "data"}
         assert ckpt["num_classes"] == 4 and ckpt["data"]["dataset"] == "synthetic"
         assert path.name == f"{ckpt['trial_id']}_seed{ckpt['seed']}.pt"
-    # the feature map of the rank-1 config's seed 0, on the test split retrain read (cifar_tune.features)
+    # the feature map of the rank-1 config's seed 0, on the test split retrain read (cifar_tune.engine.features)
     points = pd.read_parquet(retrained["dir"] / "tsne.parquet")
     top = retrained["df"].sort_values(["rank", "seed"]).iloc[0]
     assert set(points["trial_id"]) == {top["trial_id"]} and len(points) == top["num_test_images"]

@@ -12,9 +12,40 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from test_tracking import read_wandb_records
+from cifar_tune.watch import tracking
 
-from cifar_tune import tracking
+
+def read_wandb_records(path: Path) -> list[Any]:
+    """The records of an offline ``.wandb`` file: W&B's LevelDB-style log (7-byte file header, 32 KiB
+    blocks, 7-byte chunk headers) of protobuf ``Record``s, as ``wandb sync`` reads it."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, chunks, pending = 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            pos += block - pos % block
+            continue
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 1:  # full
+            chunks.append(chunk)
+        elif kind == 2:  # first
+            pending = chunk
+        elif kind == 3:  # middle
+            pending += chunk
+        else:  # last
+            chunks.append(pending + chunk)
+    records = []
+    for raw in chunks:
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        records.append(rec)
+    return records
 
 
 def mlflow_search_runs(uri_dir: Path, experiment: str) -> tuple[Any, list[Any]]:

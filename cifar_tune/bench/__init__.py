@@ -1,0 +1,1 @@
+"""``cifar-tune bench``: training throughput, search efficiency, ops per step, packed trials."""

@@ -1,0 +1,1 @@
+"""Training one config: data, augmentation, models, optimizers and the training loop (never Ray)."""

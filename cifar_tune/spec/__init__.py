@@ -1,0 +1,1 @@
+"""The search spec: YAML -> frozen, validated dataclasses; the search space and what a trial searched."""

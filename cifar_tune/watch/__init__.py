@@ -1,0 +1,1 @@
+"""Watching a search: the trials dashboard and MLflow / W&B tracking."""
