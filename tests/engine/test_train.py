@@ -283,7 +283,7 @@ def test_train_acc_counts_mixed_targets() -> None:
 
 def test_fit_passes_strict_sync_to_the_step_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     """fit(strict_sync=...) reaches the guard around the step loop (on CUDA it turns syncs into errors)."""
-    import cifar_tune.train as train_mod
+    import cifar_tune.engine.train as train_mod
 
     seen: list[bool] = []
     real = train_mod._no_host_sync
