@@ -58,7 +58,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
     b = search_budget(num_trials(spec), spec.search.scheduler)
     sched = spec.search.scheduler
     print(f"\n{sched.name} budget for {b.trials} trials, up to {sched.max_epochs} epochs each:")
-    if sched.name in ("asha", "hyperband"):
+    if sched.name in ("asha", "mo_asha", "hyperband"):  # (mo_asha: the same rungs)
         print(f"  grace period {sched.grace_period}, reduction factor {sched.reduction_factor:g} (keeps the top 1/{sched.reduction_factor:g} per rung)")
         for i, (rungs, share) in enumerate(zip(b.brackets, b.bracket_share, strict=True)):
             if len(b.brackets) > 1:
@@ -228,7 +228,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     exp = find_experiment(args.storage, args.experiment)
     df = run_retrain(
         exp, top=args.top, epochs=args.epochs, seeds=args.seeds, rank_by=args.rank_by,
-        address=args.address, num_cpus=args.num_cpus, dashboard=not args.no_dashboard,
+        address=args.address, num_cpus=args.num_cpus, dashboard=not args.no_dashboard, pareto=args.pareto,
     )
     return EXIT_OK if (df["status"] == "completed").all() else EXIT_FAILED
 
@@ -370,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="epochs per refit (default: retrain.epochs)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per config (default: retrain.seeds)")
     p.add_argument("--rank-by", choices=("best", "last"), default=None, help="rank by the best or the last epoch's metric (default: retrain.rank_by)")
+    p.add_argument("--pareto", action="store_true", help="refit every trial on the Pareto front of search.objectives "
+                   "(with --top K: the K best by Pareto rank, then crowding distance)")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root (default: experiments)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray instance (default: all)")
     p.add_argument("--address", default=None, help="join an existing Ray cluster (e.g. auto or HOST:6379)")

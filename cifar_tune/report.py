@@ -19,6 +19,7 @@ from matplotlib.ticker import NullFormatter
 
 from cifar_tune.engine.features import TSNE_TABLE
 from cifar_tune.errors import UserError
+from cifar_tune.report_pareto import Plots, pareto_section
 from cifar_tune.results import Experiment
 from cifar_tune.retrain import rank_trials, ranking_rule, summarize_config
 from cifar_tune.spec.stored import StoredSpec, load_stored_spec
@@ -196,7 +197,7 @@ def plot_survival(exp: Experiment, trials: pd.DataFrame, stored: StoredSpec) -> 
     counts = survival_counts(trials, sched.max_epochs)
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.bar(range(1, len(counts) + 1), counts, color="tab:blue", alpha=0.8)
-    if sched.name in ("asha", "hyperband"):
+    if sched.name in ("asha", "mo_asha", "hyperband"):  # (mo_asha: the same rungs)
         rung = float(sched.grace_period)
         while rung < sched.max_epochs:  # ASHA compares trials when they reach these epochs
             ax.axvline(rung + 0.5, color="tab:red", linestyle="--", linewidth=1)
@@ -520,6 +521,7 @@ def build_report(exp: Experiment, out: Printer = print) -> str:
                  "colour: epochs run, since stopped trials had less time to reach their best.")
     md += _image("Optimizers", plot_optimizers(exp, trials, score_col), f"{score_col} per optimizer: box and individual trials.")
     md += _importance_lines(exp, trials, epochs, metric, mode)
+    md += pareto_section(Plots(_pyplot, _save, _image), exp, stored, trials, epochs)  # (several objectives only)
     md += _retrain_section(exp, stored, out)
     text = "\n".join(md)
     exp.write_text("report.md", text)

@@ -26,7 +26,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from cifar_tune.errors import UserError
+from cifar_tune.pareto import hypervolume_frame, pareto_columns
 from cifar_tune.spec.fields import check_name
+from cifar_tune.spec.schema import ObjectiveSpec
 
 DEFAULT_ROOT = "experiments"
 FINISHED = ("completed", "stopped", "diverged", "error", "oom")
@@ -37,6 +39,8 @@ EPOCH_KEYS = (
     "restored_from", "config_changes",
 )
 EPOCH_COLUMNS = ("trial_id", *EPOCH_KEYS, "attempt")  # attempt: which start of the trial wrote the row
+MEASURED_COSTS = ("macs", "latency_ms")  # objectives a trial measures once (params it always reports)
+HYPERVOLUME_FILE = "hypervolume.parquet"  # with several objectives: the front's hypervolume after every epoch
 
 
 class Storage:
@@ -351,8 +355,11 @@ class TrialLog:
     def __init__(
         self, exp: Experiment, *, metric: str, mode: str, max_epochs: int, flush_every_s: float = 2.0,
         trials: pd.DataFrame | None = None, epochs: pd.DataFrame | None = None,
+        objectives: tuple[ObjectiveSpec, ...] = (),
     ) -> None:
         self.exp, self.metric, self.mode, self.max_epochs = exp, metric, mode, max_epochs
+        # several objectives: trials.parquet gains obj_* and the front, hypervolume.parquet is written
+        self.objectives = objectives
         self.flush_every_s = flush_every_s
         # PBT: a trial may still continue from a finished trial's earlier checkpoint (it was told to copy
         # it before the donor finished), so finished trials keep theirs until the search ends
@@ -412,6 +419,7 @@ class TrialLog:
     def trial_result(self, trial_id: str, metrics: dict[str, Any]) -> None:
         row = self.rows[trial_id]
         row["params"] = metrics.get("params", row.get("params"))
+        row.update({c: metrics[c] for c in MEASURED_COSTS if metrics.get(c) is not None})  # measured once, sent always
         if metrics.get("epoch") is None:  # an OOM/error report: no epoch was completed
             self.flush()
             return
@@ -509,6 +517,7 @@ class TrialLog:
             row["oom_gpu_mem_peak_mb"] = last.get("gpu_mem_peak_mb")
         self._keep_last_checkpoint(trial_id)
         self.flush(force=True)
+        self.write_hypervolume()
 
     def trial_errored(self, trial_id: str, message: str) -> None:
         row = self.rows[trial_id]
@@ -542,7 +551,14 @@ class TrialLog:
                 df[col] = pd.to_numeric(df[col], errors="coerce")
         if "started_at" in df and "ended_at" in df:
             df["wall_time_s"] = df["ended_at"] - df["started_at"]
+        if self.objectives:
+            df = pareto_columns(df, self.objectives)
         return df
+
+    def write_hypervolume(self) -> None:
+        """``hypervolume.parquet``, recomputed from the epoch rows and costs (several objectives only)."""
+        if self.objectives:
+            self.exp.write_table(HYPERVOLUME_FILE, hypervolume_frame(self.epochs_frame(), self.trials_frame(), self.objectives))
 
     def epochs_frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.epochs, columns=EPOCH_COLUMNS)

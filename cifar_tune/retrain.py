@@ -32,6 +32,7 @@ import torch
 
 from cifar_tune.engine import data as data_mod
 from cifar_tune.errors import UserError
+from cifar_tune.pareto import pareto_rule, select_pareto
 from cifar_tune.results import Experiment
 from cifar_tune.spec.schema import DataSpec
 from cifar_tune.spec.stored import StoredSpec, data_spec_from_dict, load_stored_spec
@@ -226,6 +227,7 @@ RETRAIN_COLUMNS = (
     "trial_id", "rank", "seed", "torch_seed", "epochs", "epochs_run", "params", "test_acc", "test_top5",
     "test_loss", "per_class_acc", "confusion", "num_test_images", "train_time_s", "wall_time_s", "status",
     "error", "checkpoint", "config", "rank_by", "search_status", "search_epochs_run", "device", "gpu_mem_peak_mb",
+    "macs", "latency_ms", "pareto_rank",  # (with several objectives: the search's measured costs and front)
 )
 
 
@@ -236,6 +238,8 @@ def _row(result: dict[str, Any], trial: dict[str, Any], *, epochs: int, metric: 
         search_status=trial["status"], search_epochs_run=int(trial.get("epochs_run") or 0),
     )
     row.setdefault("params", trial.get("params"))
+    for k in ("macs", "latency_ms", "pareto_rank"):
+        row[k] = _num(trial.get(k))
     for k in ("best", "last"):
         row[f"search_{k}_{metric}"] = _num(trial.get(f"{k}_{metric}"))
     return row
@@ -321,6 +325,9 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
             "test_top5_mean": good["test_top5"].astype(float).mean() if len(good) else np.nan,
             "test_loss_mean": good["test_loss"].astype(float).mean() if len(good) else np.nan,
             "params": g["params"].iloc[0],
+            "macs": g["macs"].iloc[0] if "macs" in g else np.nan,
+            "latency_ms": g["latency_ms"].iloc[0] if "latency_ms" in g else np.nan,
+            "pareto_rank": g["pareto_rank"].iloc[0] if "pareto_rank" in g else np.nan,
             "train_time_s_mean": pd.to_numeric(g["train_time_s"], errors="coerce").mean(),
             "config": g["config"].iloc[0],
         })
@@ -342,17 +349,26 @@ def leaderboard_markdown(df: pd.DataFrame, *, experiment: str, metric: str, rule
         "",
         f"**Ranking rule** (which search trials were retrained, by rank): {rule}.",
         "",
-        f"| rank | trial | test acc (mean ± std) | seeds | test top-5 | test loss | params | train time (s) | search {metric} | config |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    costs = "pareto_rank" in df and df["pareto_rank"].notna().any()  # retrained from a Pareto front
+    extra = " MACs | latency (ms) | Pareto rank |" if costs else ""
+    lines += [
+        f"| rank | trial | test acc (mean ± std) | seeds | test top-5 | test loss | params |{extra} train time (s) | search {metric} | config |",
+        "|---:|---|---|---:|---:|---:|---:|" + ("---:|---:|---:|" if costs else "") + "---:|---:|---|",
     ]
     for b in board.to_dict("records"):
         search_metric = df.loc[df["trial_id"] == b["trial_id"], metric_cols[0]].iloc[0] if metric_cols else None
         acc = _fmt(b["test_acc_mean"]) + (f" ± {_fmt(b['test_acc_std'])}" if not math.isnan(b["test_acc_std"]) else "")
         seeds = f"{b['seeds_ok']}/{b['seeds']}" if b["seeds_ok"] != b["seeds"] else str(b["seeds"])
         params = f"{int(b['params']):,}" if _num(b["params"]) is not None else "–"
+        cost_cells = ""
+        if costs:
+            macs = f"{int(b['macs']):,}" if _num(b["macs"]) is not None else "–"
+            rank = str(int(b["pareto_rank"])) if _num(b["pareto_rank"]) is not None else "–"
+            cost_cells = f" {macs} | {_fmt(_num(b['latency_ms']), '.2f')} | {rank} |"
         lines.append(
             f"| {b['rank']} | {b['trial_id']} | {acc} | {seeds} | {_fmt(b['test_top5_mean'])} | {_fmt(b['test_loss_mean'])} "
-            f"| {params} | {_fmt(b['train_time_s_mean'], '.1f')} | {_fmt(_num(search_metric))} | {summarize_config(json.loads(b['config']))} |"
+            f"| {params} |{cost_cells} {_fmt(b['train_time_s_mean'], '.1f')} | {_fmt(_num(search_metric))} | {summarize_config(json.loads(b['config']))} |"
         )
     failed = df[df["status"] != "completed"]
     if len(failed):
@@ -389,22 +405,33 @@ def run_retrain(
     address: str | None = None,
     num_cpus: int | None = None,
     dashboard: bool = False,
+    pareto: bool = False,
     out: Printer = print,
 ) -> pd.DataFrame:
-    """Refit the top configs of ``exp`` and test them; returns the retrain.parquet table."""
+    """Refit the top configs of ``exp`` and test them; returns the retrain.parquet table. ``pareto``: the
+    trials on the search's Pareto front instead (with ``top``: the first ``top`` by rank, then crowding)."""
     stored = load_stored_spec(exp)
     metric, mode = stored.search.metric, stored.search.resolved_mode
-    top = _resolve(top, stored.retrain.top, "--top")
+    if pareto:
+        if top is not None:
+            _resolve(top, 1, "--top")
+    else:
+        top = _resolve(top, stored.retrain.top, "--top")
     epochs = _resolve(epochs, stored.retrain.epochs, "--epochs")
     seeds = _resolve(seeds, stored.retrain.seeds, "--seeds")
     rank_by = rank_by or stored.retrain.rank_by
     if not exp.has("trials.parquet"):
         raise UserError(f"experiment '{exp.name}' has no trials.parquet (the search has not run)")
-    chosen = select_top(exp.read_table("trials.parquet"), top=top, metric=metric, mode=mode, rank_by=rank_by, experiment=exp.name)
-    rule = ranking_rule(metric, mode, rank_by)
+    if pareto:
+        chosen = select_pareto(exp.read_table("trials.parquet"), objectives=stored.search.pareto_objectives, top=top, experiment=exp.name)
+        rule, rank_by = pareto_rule(stored.search.objectives, top), "pareto"
+    else:
+        chosen = select_top(exp.read_table("trials.parquet"), top=top, metric=metric, mode=mode, rank_by=rank_by, experiment=exp.name)
+        rule = ranking_rule(metric, mode, rank_by)
     out(f"ranking rule: {rule}")
     for t in chosen.to_dict("records"):
-        out(f"  {t['rank']:>2}. {t['trial_id']}  {rank_by}_{metric} {float(t[f'{rank_by}_{metric}']):.4f}  "
+        col = f"best_{metric}" if pareto else f"{rank_by}_{metric}"
+        out(f"  {t['rank']:>2}. {t['trial_id']}  {col} {float(t[col]):.4f}  "
             f"{t['status']} after {int(t['epochs_run'])} epochs  {summarize_config(json.loads(t['config']))}")
     return _refit(exp, stored, chosen, epochs=epochs, seeds=seeds, rank_by=rank_by, rule=rule,
                   address=address, num_cpus=num_cpus, out=out, dashboard=dashboard)

@@ -132,6 +132,9 @@ def parse_dataclass(cls: type, value: Any, path: str, errors: ErrorList) -> Any:
         if name not in value:
             continue
         v, ann, p = value[name], hints[name], f"{path}.{name}"
+        if (parse := f.metadata.get("parse")) is not None:  # a field with its own parser (a list of dataclasses)
+            kwargs[name] = parse(v, p, errors)
+            continue
         if is_dataclass(ann):
             kwargs[name] = parse_dataclass(ann, v, p, errors)
             continue

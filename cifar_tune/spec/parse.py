@@ -116,6 +116,8 @@ def parse_spec(raw: Any, source: str = "<spec>", *, check_budget: bool = True) -
             path=str(Path(data.path).expanduser().resolve()) if data.path else None,
         )
     search = parse_dataclass(SearchSpec, raw.get("search"), "search", errors)
+    if search is not None and search.objectives:
+        search = _objectives_metric(search, raw.get("search") or {}, errors)
     constraints = parse_dataclass(ConstraintsSpec, raw.get("constraints"), "constraints", errors)
     retrain = parse_dataclass(RetrainSpec, raw.get("retrain"), "retrain", errors)
     tracking = parse_dataclass(TrackingSpec, raw.get("tracking"), "tracking", errors)
@@ -160,6 +162,18 @@ def parse_spec(raw: Any, source: str = "<spec>", *, check_budget: bool = True) -
         _check_budget(spec, info, errors)
     errors.raise_if_any()
     return spec
+
+
+def _objectives_metric(search: SearchSpec, raw: Mapping[str, Any], errors: ErrorList) -> SearchSpec:
+    """With ``objectives``, ``metric``/``mode`` are their first validation metric: stated, they must agree."""
+    first = next((o for o in search.objectives if not o.is_cost), None)
+    if first is None:  # (reported by _parse_objectives)
+        return search
+    for key, want in (("metric", first.metric), ("mode", first.resolved_mode)):
+        if key in raw and raw[key] is not None and raw[key] != want:
+            errors.add(f"search.{key}", f"with search.objectives, {key} is the first validation objective's ({want}); "
+                       f"got {raw[key]!r}: drop it or list its objective first")
+    return replace(search, metric=first.metric, mode=first.resolved_mode)
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> Spec:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Literal
 
+from cifar_tune.errors import ErrorList
+from cifar_tune.registry import did_you_mean
+from cifar_tune.spec.fields import parse_dataclass
 from cifar_tune.spec.space import to_plain_spec
 
 
@@ -45,7 +49,8 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class SchedulerSpec:
-    name: Literal["asha", "fifo", "median", "hyperband", "pbt"] = "asha"
+    # mo_asha: ASHA whose rungs promote by non-dominated sorting and crowding over search.objectives
+    name: Literal["asha", "mo_asha", "fifo", "median", "hyperband", "pbt"] = "asha"
     max_epochs: int = field(default=10, metadata=_check(lambda v: v >= 1, "must be >= 1"))
     grace_period: int = field(default=1, metadata=_check(lambda v: v >= 1, "must be >= 1"))
     reduction_factor: float = field(default=2.0, metadata=_check(lambda v: v > 1, "must be > 1"))
@@ -87,6 +92,67 @@ class ResourcesSpec:
     mps: Literal["auto", "on", "off"] = "auto"
 
 
+# What a search can optimise: the validation metrics of each epoch, and what a trial costs (constant
+# per trial but train_time_s, the training seconds so far), each with the direction it improves in.
+VALIDATION_OBJECTIVES = {"val_acc": "max", "val_loss": "min", "val_top5": "max"}
+COST_OBJECTIVES = {"params": "min", "macs": "min", "latency_ms": "min", "train_time_s": "min"}
+OBJECTIVES = {**VALIDATION_OBJECTIVES, **COST_OBJECTIVES}
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """One objective: a validation metric (``val_acc``, ``val_loss``, ``val_top5``) or a per-trial cost
+    (``params``: trainable parameters; ``macs``: multiply-accumulates per image; ``latency_ms``: median
+    inference time of one eval batch on the trial's device; ``train_time_s``: training seconds)."""
+
+    metric: Literal["val_acc", "val_loss", "val_top5", "params", "macs", "latency_ms", "train_time_s"]
+    mode: Literal["max", "min"] | None = None  # None: max for accuracies, min for the rest
+    # the hypervolume's reference point in this objective (a value no useful trial is worse than);
+    # None: 0 for accuracies, else 1.1 x the worst value any trial of the experiment has
+    ref: float | None = None
+
+    @property
+    def resolved_mode(self) -> str:
+        return self.mode or OBJECTIVES[self.metric]
+
+    @property
+    def is_cost(self) -> bool:
+        return self.metric in COST_OBJECTIVES
+
+
+def _parse_objectives(value: Any, path: str, errors: ErrorList) -> tuple[ObjectiveSpec, ...]:
+    """``[{metric: val_acc}, {metric: params, mode: min}]`` -> ObjectiveSpecs, every problem by path."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not value:
+        errors.add(path, f"must be a non-empty list of {{metric, mode}} mappings, got {value!r}")
+        return ()
+    out: list[ObjectiveSpec] = []
+    for i, item in enumerate(value):
+        p = f"{path}[{i}]"
+        if isinstance(item, str):  # the short form: just the metric's name
+            item = {"metric": item}
+        if isinstance(item, Mapping) and "metric" in item and item["metric"] not in OBJECTIVES:
+            errors.add(f"{p}.metric", f"unknown metric {item['metric']!r}{did_you_mean(str(item['metric']), list(OBJECTIVES))}; "
+                       f"allowed: {', '.join(OBJECTIVES)}")
+            continue
+        if isinstance(item, Mapping) and "metric" not in item:
+            errors.add(p, f"missing 'metric' (one of {', '.join(OBJECTIVES)})")
+            continue
+        obj = parse_dataclass(ObjectiveSpec, item, p, errors)
+        if obj is not None:
+            out.append(obj)
+    seen: set[str] = set()
+    for i, obj in enumerate(out):
+        if obj.metric in seen:
+            errors.add(f"{path}[{i}].metric", f"{obj.metric} is listed twice")
+        seen.add(obj.metric)
+    if len(out) == len(value) and not any(not o.is_cost for o in out):
+        errors.add(path, f"needs a validation metric ({', '.join(VALIDATION_OBJECTIVES)}): costs alone do not change "
+                   "while a trial trains, so there would be nothing to stop trials on")
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class SearchSpec:
     metric: Literal["val_acc", "val_loss", "val_top5"] = "val_acc"
@@ -99,10 +165,31 @@ class SearchSpec:
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    # several objectives (a Pareto front); empty: the one objective ``metric``/``mode``. The first
+    # validation metric among them is ``metric``: what single-objective schedulers and ranks use.
+    objectives: tuple[ObjectiveSpec, ...] = field(default=(), metadata={"parse": _parse_objectives})
 
     @property
     def resolved_mode(self) -> str:
         return self.mode or ("min" if self.metric == "val_loss" else "max")
+
+    @property
+    def resolved_objectives(self) -> tuple[ObjectiveSpec, ...]:
+        """The objectives, one (``metric``/``mode``) when none are listed."""
+        return self.objectives or (ObjectiveSpec(self.metric, self.resolved_mode),)
+
+    @property
+    def pareto_objectives(self) -> tuple[ObjectiveSpec, ...]:
+        """The objectives when there are several (a front to record); empty with one, which behaves
+        exactly as ``metric``/``mode`` do."""
+        return self.objectives if len(self.objectives) > 1 else ()
+
+    @property
+    def costs(self) -> tuple[str, ...]:
+        """The per-trial costs among the objectives (each trial measures these)."""
+        return tuple(o.metric for o in self.objectives if o.is_cost)
+
+
 
 
 @dataclass(frozen=True)
@@ -155,5 +242,9 @@ class Spec:
         """The resolved spec (defaults filled in) in YAML form."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("space", "source")}
         out = {k: asdict(v) if is_dataclass(v) else v for k, v in out.items()}
+        if out["search"]["objectives"]:
+            out["search"]["objectives"] = [dict(o) for o in out["search"]["objectives"]]  # (YAML has no tuples)
+        else:  # one objective: the spec as it always was (a resume compares it with the stored one)
+            del out["search"]["objectives"]
         out["space"] = to_plain_spec(self.space)
         return out

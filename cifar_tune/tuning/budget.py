@@ -67,7 +67,7 @@ def bracket_shares(sched: SchedulerSpec) -> list[float]:
 def rung_epochs(sched: SchedulerSpec, bracket: int = 0) -> list[int]:
     """Epochs below max_epochs at which trials are compared (ASHA's bracket ``bracket``; hyperband: the
     same geometric milestones grace * rf^k)."""
-    if sched.name == "asha":
+    if sched.name in ("asha", "mo_asha"):
         return [e for e in bracket_rung_epochs(sched, bracket) if e < sched.max_epochs]
     if sched.name != "hyperband":
         return []
@@ -97,10 +97,10 @@ def search_budget(trials: int, sched: SchedulerSpec) -> Budget:
     stop nothing by rule, so both figures are the full cost.
     """
     full = trials * sched.max_epochs
-    if sched.name not in ("asha", "hyperband"):
+    if sched.name not in ("asha", "mo_asha", "hyperband"):
         rung = (Rung(sched.max_epochs, trials),)
         return Budget(trials, rung, full, full, (rung,), (1.0,))
-    shares = bracket_shares(sched) if sched.name == "asha" else [1.0]
+    shares = bracket_shares(sched) if sched.name in ("asha", "mo_asha") else [1.0]
     brackets, total = [], 0.0
     for s, share in enumerate(shares):
         rungs, epochs = _halving(trials * share, rung_epochs(sched, s), sched)

@@ -77,7 +77,8 @@ def resume_command(exp: Experiment, address: str | None) -> str:
 def _plan(spec: Spec, exp: Experiment, resume: bool, out: Printer) -> tuple[TrialLog, list[tuple[str, dict[str, Any]]], int]:
     """The trial log (restored when resuming) and the trials still to run."""
     sched = spec.search.scheduler
-    kw = {"metric": spec.search.metric, "mode": spec.search.resolved_mode, "max_epochs": sched.max_epochs}
+    kw = {"metric": spec.search.metric, "mode": spec.search.resolved_mode, "max_epochs": sched.max_epochs,
+          "objectives": spec.search.pareto_objectives}
     check_experiment(spec, exp, resume)
     total = num_trials(spec)
     if resume:
@@ -116,14 +117,22 @@ def _plan(spec: Spec, exp: Experiment, resume: bool, out: Printer) -> tuple[Tria
 def scheduler_history(log: TrialLog) -> list[tuple[str, dict[str, Any], bool]]:
     """What the scheduler of a resumed search is rebuilt from: every kept epoch row with a finite
     metric, in the order the results arrived, and whether its trial had finished (see
-    ``schedulers.make_scheduler``). Rows without the metric (a diverged epoch) were never judged."""
+    ``schedulers.make_scheduler``). Rows without the metric (a diverged epoch) were never judged. With
+    several objectives each result also carries the other objectives as the trial reported them: the
+    epoch's validation metrics and training seconds, and the trial's costs."""
     m = log.metric
     out = []
     for e in log.epochs:
         v = e.get(m)
         if e.get("epoch") is None or v is None or not math.isfinite(float(v)):
             continue
-        out.append((e["trial_id"], {"epoch": int(e["epoch"]), m: float(v)}, log.rows[e["trial_id"]]["status"] in FINISHED))
+        result: dict[str, Any] = {"epoch": int(e["epoch"]), m: float(v)}
+        row = log.rows[e["trial_id"]]
+        for o in log.objectives:
+            source = e if o.metric in ("val_acc", "val_loss", "val_top5", "train_time_s") else row
+            if o.metric != m and source.get(o.metric) is not None:
+                result[o.metric] = float(source[o.metric])
+        out.append((e["trial_id"], result, row["status"] in FINISHED))
     return out
 
 
@@ -254,7 +263,7 @@ def _search_on(cluster: Any, spec: Spec, exp: Experiment, *, resume: bool, addre
     callbacks = [callbacks_mod.tensorboard_callback(facts),
                  *callbacks_mod.tracking_callbacks(mlflow=mlflow_args, wandb=wandb_args, facts=facts, experiment_uri=exp.uri())]
     setup = TrialSetup(data=spec.data, epochs=spec.search.scheduler.max_epochs, seed=spec.search.seed,
-                       checkpoint_every=spec.search.checkpoint.every_epochs)
+                       checkpoint_every=spec.search.checkpoint.every_epochs, costs=spec.search.costs)
     resume_from = {tid: exp.uri(log.rows[tid]["checkpoint"]) for tid, _ in todo if log.rows[tid].get("checkpoint")}
     run_name = f"search-{time.strftime('%Y%m%d-%H%M%S')}"  # TensorBoard's runs: search-.../t0007-vgg-sgd
     interrupted = False
@@ -275,6 +284,7 @@ def _search_on(cluster: Any, spec: Spec, exp: Experiment, *, resume: bool, addre
                 resume_epochs={tid: int(log.rows[tid].get("checkpoint_epoch") or 0) for tid in resume_from},
                 scheduler_history=scheduler_history(log) if resume else None,
                 population=list(todo) if spec.search.scheduler.name == "pbt" else None,
+                objectives=[(o.metric, o.resolved_mode) for o in spec.search.resolved_objectives],
             )
     except KeyboardInterrupt:
         interrupted = True
@@ -284,6 +294,7 @@ def _search_on(cluster: Any, spec: Spec, exp: Experiment, *, resume: bool, addre
                 r["status"] = "interrupted"
         log.trim_checkpoints()
         log.flush(force=True)
+        log.write_hypervolume()
         if mirror is not None:
             mirror.close()
         # W&B's callback cleans up in __del__, which fails at interpreter exit: collect it while Ray is up

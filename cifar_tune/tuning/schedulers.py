@@ -17,6 +17,7 @@ from ray.tune.schedulers import (
 )
 
 from cifar_tune.spec.schema import SchedulerSpec
+from cifar_tune.tuning.mo_asha import MOAsyncSuccessiveHalving
 
 # A trial that diverged or ran out of memory ends with a report no scheduler can rank: no validation
 # metric (and, out of memory, no epoch either: that epoch never finished).
@@ -285,6 +286,13 @@ class _ASHA(_EndingReports, _Rebuilt, AsyncHyperBandScheduler):
         return trial_id in self._trial_info
 
 
+class _MOASHA(_EndingReports, _Rebuilt, MOAsyncSuccessiveHalving):
+    """MO-ASHA (``cifar_tune.tuning.mo_asha``) with the project's ending reports and ``--resume`` rebuilding."""
+
+    def _known(self, trial_id: str) -> bool:
+        return trial_id in self._trial_info
+
+
 class _Median(_EndingReports, _Rebuilt, MedianStoppingRule):
     """Ray's median stopping rule without its pauses: with fewer than ``min_samples_required`` trials to
     compare, Ray pauses a trial to let pending ones run; a paused trial holds a ``max_concurrent`` slot
@@ -330,7 +338,8 @@ def _clip_mutations(mutations: dict[str, Any]) -> Callable[[dict[str, Any]], dic
 
 
 def make_scheduler(sched: SchedulerSpec, history: SchedulerHistory | None = None,
-                   resume_points: dict[str, ResumePoint] | None = None) -> TrialScheduler:
+                   resume_points: dict[str, ResumePoint] | None = None,
+                   objectives: list[tuple[str, str]] | None = None) -> TrialScheduler:
     """One report per epoch, so ``epoch`` is the time attribute of every scheduler.
 
     ``history``: an earlier run's results (``--resume``), which ASHA's rungs and median stopping's
@@ -338,7 +347,8 @@ def make_scheduler(sched: SchedulerSpec, history: SchedulerHistory | None = None
     across results that a resume could lose, except hyperband's brackets and asynchronous PBT's
     population, which start afresh (its scores are re-read from the next results). ``resume_points``:
     where each trial of a resumed PBT population goes on from, which synchronous PBT's sync point and
-    per-trial times are rebuilt from (see :meth:`_PBT.resume_at`).
+    per-trial times are rebuilt from (see :meth:`_PBT.resume_at`). ``objectives``: ``(metric, mode)``
+    pairs for mo_asha (None: Tune's one metric and mode); the others use that one metric.
     """
     if sched.name == "pbt":
         from cifar_tune.spec.checks import parse_mutations
@@ -360,6 +370,11 @@ def make_scheduler(sched: SchedulerSpec, history: SchedulerHistory | None = None
         )
         asha._history = history
         return asha
+    if sched.name == "mo_asha":
+        mo = _MOASHA(time_attr="epoch", objectives=objectives, max_t=sched.max_epochs, grace_period=sched.grace_period,
+                     reduction_factor=sched.reduction_factor, brackets=sched.brackets)
+        mo._history = history
+        return mo
     if sched.name == "hyperband":
         return _HyperBand(time_attr="epoch", max_t=sched.max_epochs, reduction_factor=sched.reduction_factor)
     if sched.name == "median":

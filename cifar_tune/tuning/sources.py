@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cifar_tune.errors import UserError
+from cifar_tune.pareto import objective_values
 from cifar_tune.results import FINISHED, TrialLog
 from cifar_tune.spec.schema import Spec
 from cifar_tune.spec.space import Dist, InfeasibleSpace, Sampler
@@ -81,8 +82,11 @@ class OptunaSource:
         # a resumed search continues the sampler's random stream elsewhere than where it began: seeded
         # as at the start, its first draws would be the first run's configs again
         seed = spec.search.seed if next_index == 0 else spec.search.seed + RESUME_SEED_STRIDE * next_index
+        # several objectives: TPE's multi-objective variant (MOTPE) is told every objective of a trial
+        objectives = spec.search.resolved_objectives
+        self.multi = len(objectives) > 1
         self.study = optuna.create_study(
-            direction="maximize" if spec.search.resolved_mode == "max" else "minimize",
+            directions=["maximize" if o.resolved_mode == "max" else "minimize" for o in objectives],
             sampler=optuna.samplers.TPESampler(seed=seed),
         )
         self.counter = _param_counter(spec)
@@ -113,8 +117,9 @@ class OptunaSource:
         self.asked[tid] = ot
         return tid, config
 
-    def _outcome(self, trial_id: str, result: dict[str, Any] | None, error: bool) -> tuple[Any, float | None, dict[int, float]]:
-        """(state, value, intermediate values by epoch) of a finished trial, from its epoch rows."""
+    def _outcome(self, trial_id: str, result: dict[str, Any] | None, error: bool) -> tuple[Any, Any, dict[int, float]]:
+        """(state, value, intermediate values by epoch) of a finished trial, from its epoch rows; with
+        several objectives the value is the list of them (trials.parquet's ``obj_*``)."""
         states = self.optuna.trial.TrialState
         metric = self.spec.search.metric
         values = [(int(r["epoch"]), r.get(metric)) for r in self.log.trial_epochs(trial_id)]
@@ -127,6 +132,11 @@ class OptunaSource:
         # the callbacks, so the row's status is not final yet; its summary is)
         row = self.log.rows[trial_id]
         if (row.get("epochs_run") or 0) >= self.spec.search.scheduler.max_epochs and row.get(f"best_{metric}") is not None:
+            if self.multi:
+                values = objective_values(self.log.rows[trial_id], self.log.objectives)
+                if all(math.isfinite(v) for v in values):
+                    return states.COMPLETE, values, steps
+                return states.FAIL, None, steps
             return states.COMPLETE, float(row[f"best_{metric}"]), steps
         return states.PRUNED, None, steps
 
@@ -137,9 +147,10 @@ class OptunaSource:
         if recovered is None:  # (a config this space cannot draw: nothing to learn from)
             return
         state, value, steps = self._outcome(trial_id, result, error)
+        values = {"values": value} if self.multi else {"value": value}
         self.study.add_trial(self.optuna.trial.create_trial(
-            params=recovered[0], distributions=recovered[1], state=state, value=value,
-            intermediate_values=steps, user_attrs={"trial_id": trial_id}))
+            params=recovered[0], distributions=recovered[1], state=state, **values,
+            intermediate_values={} if self.multi else steps, user_attrs={"trial_id": trial_id}))
 
     def trial_finished(self, trial_id: str, result: dict[str, Any] | None, error: bool) -> None:
         """Tell Optuna at a comparable fidelity: every epoch's metric is reported as an intermediate value
@@ -153,7 +164,7 @@ class OptunaSource:
                 self._tell_recorded(trial_id, result, error)
             return
         state, value, steps = self._outcome(trial_id, result, error)
-        for epoch, v in steps.items():
+        for epoch, v in ([] if self.multi else steps.items()):  # (Optuna takes no intermediate values with several)
             ot.report(v, step=epoch)
         if state == self.optuna.trial.TrialState.COMPLETE:
             self.study.tell(ot, value)

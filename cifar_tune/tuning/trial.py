@@ -34,6 +34,8 @@ class TrialSetup:
     epochs: int
     seed: int
     checkpoint_every: int = 0  # save a checkpoint every N epochs and at the last one; 0: never
+    # per-trial costs among the search's objectives to measure once, before training (macs, latency_ms)
+    costs: tuple[str, ...] = ()
 
 
 class Reporter(Protocol):
@@ -99,6 +101,23 @@ def _inject_fault(trial_id: str, epoch: int) -> None:
                 time.sleep(60)
 
 
+def _measure_costs(trainer: Trainer, wanted: tuple[str, ...], known: dict[str, float], info: Any,
+                   device: torch.device) -> dict[str, float]:
+    """The costs in ``wanted`` not ``known`` yet: MACs per image (model-info's count) and the median
+    latency of an eval batch on this trial's device, measured on the model as it will train."""
+    from cifar_tune.engine import costs as cost_mod
+    from cifar_tune.engine.train import _autocast
+
+    out: dict[str, float] = {}
+    if "macs" in wanted and "macs" not in known:
+        out["macs"] = float(cost_mod.macs_per_image(trainer.model, in_channels=info.channels, image_size=info.image_size))
+    if "latency_ms" in wanted and "latency_ms" not in known:
+        out["latency_ms"] = cost_mod.latency_ms(
+            trainer.model, batch_size=trainer.opts.eval_batch_size, in_channels=info.channels, image_size=info.image_size,
+            device=device, channels_last=trainer.channels_last, autocast=_autocast(device, trainer.opts.precision))
+    return out
+
+
 def run_trial(
     config: dict[str, Any],
     setup: TrialSetup,
@@ -136,13 +155,17 @@ def run_trial(
     trainer = Trainer(model, train, val, config, epochs=setup.epochs, num_classes=info.num_classes,
                       mean=info.mean, std=info.std, seed=seed, device=device)
     lineage: dict[str, Any] = {}
+    costs: dict[str, float] = {}
     if resume is not None:
         ckpt = checkpoint_from_bytes(resume)
+        if ckpt["trial_id"] == trial_id:  # its own checkpoint: the costs measured at its first start
+            costs = dict(ckpt.get("costs") or {})
         trainer.load_state_dict({**ckpt["trainer"], "model": ckpt["state_dict"]})
         lineage = {
             "restored_from": ckpt["trial_id"] if ckpt["trial_id"] != trial_id else None,
             "config_json": json.dumps(config),
         }
+    costs.update(_measure_costs(trainer, setup.costs, costs, info, device))  # once per trial
     # data, model and seeds ready: what a trial costs before its first step (``cifar-tune bench`` reads it)
     setup_time_s = time.perf_counter() - t0
 
@@ -154,12 +177,13 @@ def run_trial(
             "mean": [float(v) for v in info.mean], "std": [float(v) for v in info.std],
             "classes": [str(c) for c in info.classes], "data": asdict(setup.data),
             "trial_id": trial_id, "seed": 0, "torch_seed": seed, "epochs": trainer.epoch, "trainer": state,
+            "costs": costs,
         })
 
     reported: list[int] = []  # epochs reported so far: an OOM later does not undo them
 
     def send(metrics: dict[str, Any], blob: bytes | None) -> None:
-        payload = {**metrics, **lineage, "trial_id": trial_id, "params": params, "setup_time_s": setup_time_s,
+        payload = {**metrics, **lineage, **costs, "trial_id": trial_id, "params": params, "setup_time_s": setup_time_s,
                    "status": metrics.get("status", "running"), "pid": os.getpid(),
                    "worker_data_loads": data_mod.raw_loads, "device": str(device)}
         if blob is None:
@@ -183,7 +207,7 @@ def run_trial(
     except torch.OutOfMemoryError as e:  # recorded as "oom", not as a crash of the search
         # no "epoch" key: this report ends the trial but is not an epoch (``results`` appends no row)
         # its peak too: the epoch that failed has no row, and the peak shows what stopped it (its cap)
-        report({"trial_id": trial_id, "params": params, "status": "oom", "error": f"out of memory: {str(e)[:300]}",
+        report({**costs, "trial_id": trial_id, "params": params, "status": "oom", "error": f"out of memory: {str(e)[:300]}",
                 "gpu_mem_peak_mb": devices.peak_memory_mb(device)})
         return FitResult(status="oom", epochs_run=max(reported, default=0))
     finally:

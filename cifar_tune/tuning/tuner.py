@@ -83,6 +83,7 @@ def run_search(
     callbacks: list[Any] | None = None,
     scheduler_history: SchedulerHistory | None = None,
     resume_epochs: dict[str, int] | None = None,
+    objectives: list[tuple[str, str]] | None = None,
 ) -> None:
     """Run the trials to completion; every outcome arrives through ``events``.
 
@@ -112,7 +113,7 @@ def run_search(
         param_space=param_space,
         tune_config=tune.TuneConfig(
             search_alg=search_alg,
-            scheduler=make_scheduler(scheduler, scheduler_history, resume_points),
+            scheduler=make_scheduler(scheduler, scheduler_history, resume_points, objectives),
             metric=metric,
             mode=mode,
             num_samples=num_trials,

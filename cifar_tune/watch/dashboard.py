@@ -27,6 +27,7 @@ from typing import Any
 import pandas as pd
 
 from cifar_tune.errors import UserError
+from cifar_tune.pareto import objective_values
 from cifar_tune.results import Experiment
 from cifar_tune.spec.searched import searched_params
 from cifar_tune.spec.space import parse_tree
@@ -80,11 +81,15 @@ class OptunaMirror:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.optuna, self.path, self.space, self.log = optuna, path, space, log
         self.storage = JournalStorage(JournalFileBackend(str(path)))
-        direction = "maximize" if log.mode == "max" else "minimize"
-        self.study = optuna.create_study(storage=self.storage, study_name=study_name, direction=direction, load_if_exists=True)
+        # several objectives: a multi-objective study (one direction each), which optuna-dashboard shows
+        # with its Pareto-front plot
+        objectives = [(o.metric, o.resolved_mode) for o in getattr(log, "objectives", ())] or [(log.metric, log.mode)]
+        self.multi = len(objectives) > 1
+        directions = ["maximize" if mode == "max" else "minimize" for _, mode in objectives]
+        self.study = optuna.create_study(storage=self.storage, study_name=study_name, directions=directions, load_if_exists=True)
         with warnings.catch_warnings():  # "experimental" since Optuna 3.2
             warnings.simplefilter("ignore")
-            self.study.set_metric_names([log.metric])
+            self.study.set_metric_names([m for m, _ in objectives])
         self.study.set_user_attr("scheduler", scheduler)
         self.study_id = self.study._study_id
         self.numbers: dict[str, int] = {}  # our trial id -> the storage's trial id of its latest attempt
@@ -169,7 +174,12 @@ class OptunaMirror:
         attrs: dict[str, Any] = {"status": status, "epochs_run": int(row.get("epochs_run") or 0)}
         if row.get("error"):
             attrs["error"] = str(row["error"])[:500]
-        if status == "completed":
+        if self.multi and status in ("completed", "stopped"):
+            # both are on or behind trials.parquet's front; the dashboard's Pareto plot reads COMPLETE trials only
+            if status == "stopped":
+                attrs["stopped_at_epoch"] = attrs["epochs_run"]
+            self._end(sid, "COMPLETE", objective_values(self.log.rows[trial_id], self.log.objectives), attrs)
+        elif status == "completed":
             self._end(sid, "COMPLETE", row.get(f"best_{m}"), attrs)
         elif status == "stopped":  # as Optuna does for a pruned trial: its last intermediate value
             attrs["stopped_at_epoch"] = attrs["epochs_run"]
@@ -180,11 +190,12 @@ class OptunaMirror:
     def _end(self, sid: int, state: str, value: Any, attrs: dict[str, Any]) -> None:
         for k, v in attrs.items():
             self.storage.set_trial_user_attr(sid, k, v)
-        ok = isinstance(value, int | float) and math.isfinite(value)
+        values = value if isinstance(value, list) else [value]
+        ok = value is not None and all(isinstance(v, int | float) and math.isfinite(v) for v in values)
         st = self.optuna.trial.TrialState[state]
         if st == self.optuna.trial.TrialState.COMPLETE and not ok:
             st = self.optuna.trial.TrialState.FAIL
-        self.storage.set_trial_state_values(sid, st, [float(value)] if ok else None)
+        self.storage.set_trial_state_values(sid, st, [float(v) for v in values] if ok else None)
 
 
 def mirror_from_tables(exp: Experiment, path: Path) -> int:
@@ -196,7 +207,8 @@ def mirror_from_tables(exp: Experiment, path: Path) -> int:
     trials = exp.read_table("trials.parquet")
     epochs = exp.read_table("epochs.parquet") if exp.has("epochs.parquet") else pd.DataFrame(columns=["trial_id", "epoch"])
     log = TrialLog(exp, metric=stored.search.metric, mode=stored.search.resolved_mode,
-                   max_epochs=stored.search.scheduler.max_epochs, trials=trials, epochs=epochs)
+                   max_epochs=stored.search.scheduler.max_epochs, trials=trials, epochs=epochs,
+                   objectives=stored.search.pareto_objectives)
     mirror = OptunaMirror(path, study_name=exp.name, space=stored_space(exp), log=log,
                           scheduler=json.loads(json.dumps(stored.search.scheduler.__dict__)))
     n = 0

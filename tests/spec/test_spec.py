@@ -148,7 +148,7 @@ BROKEN: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("wrong-type", _set("search/num_samples", "many"), "search.num_samples: must be an integer, got 'many'"),
     ("nonpositive", _set("search/num_samples", 0), "search.num_samples: must be >= 1, got 0"),
     ("bad-literal", _set("search/scheduler/name", "bohb"),
-     "search.scheduler.name: must be one of 'asha' | 'fifo' | 'median' | 'hyperband' | 'pbt', got 'bohb'"),
+     "search.scheduler.name: must be one of 'asha' | 'mo_asha' | 'fifo' | 'median' | 'hyperband' | 'pbt', got 'bohb'"),
     ("grace>max", _set("search/scheduler/grace_period", 5), "search.scheduler.grace_period: must be <= max_epochs (2), got 5"),
     ("val-fraction", _set("data/val_fraction", 1.5), "data.val_fraction: must be in (0, 1), got 1.5"),
     ("unknown-dataset", _set("data/dataset", "cifar1000"),

@@ -40,6 +40,8 @@ MAX_EPOCHS = 4
 SCHEDULERS: dict[str, dict[str, Any]] = {
     # grace 2: no trial is stopped before its fault (at epoch 2) fires; hyperband may stop one at epoch 1
     "asha": {"name": "asha", "grace_period": 2, "reduction_factor": 2},
+    # (with objectives val_acc, params and latency_ms: see make_spec)
+    "mo_asha": {"name": "mo_asha", "grace_period": 2, "reduction_factor": 2},
     "hyperband": {"name": "hyperband", "reduction_factor": 2},
     "median": {"name": "median", "grace_period": 2},
     "fifo": {"name": "fifo"},
@@ -110,6 +112,7 @@ def make_spec(scheduler: str, name: str) -> dict[str, Any]:
             "num_samples": 1, "seed": 0, "max_failures": 1, "scheduler": sched,
             # PBT's population runs side by side (4 at once); the others two at a time on the 2 CPUs
             "resources": {"cpus_per_trial": 0.5 if pbt else 1},
+            **({"objectives": ["val_acc", "params", "latency_ms"]} if sched["name"] == "mo_asha" else {}),
         },
         "space": {
             "model": {"family": "mlp", "hidden": [16]},

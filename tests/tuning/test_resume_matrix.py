@@ -103,7 +103,8 @@ def _resumed(sched: SchedulerSpec, seen: list[tuple[str, int, float, str]], k: i
     SchedulerSpec(name="asha", max_epochs=8, grace_period=1, reduction_factor=2),
     SchedulerSpec(name="asha", max_epochs=9, grace_period=1, reduction_factor=3, brackets=1),
     SchedulerSpec(name="median", max_epochs=6, grace_period=1),
-], ids=["asha-rf2", "asha-rf3", "median"])
+    SchedulerSpec(name="mo_asha", max_epochs=8, grace_period=1, reduction_factor=2),
+], ids=["asha-rf2", "asha-rf3", "median", "mo_asha"])
 def test_a_rebuilt_scheduler_decides_like_an_uninterrupted_one(sched: SchedulerSpec) -> None:
     """Ray's own schedulers, fed recorded results: killed after any result and rebuilt from the
     results so far, the scheduler stops and continues exactly the trials the uninterrupted one did.
@@ -122,6 +123,7 @@ def test_a_rebuilt_scheduler_decides_like_an_uninterrupted_one(sched: SchedulerS
 
 @pytest.mark.parametrize("sched", [
     SchedulerSpec(name="asha", max_epochs=4, grace_period=1, reduction_factor=2),
+    SchedulerSpec(name="mo_asha", max_epochs=4, grace_period=1, reduction_factor=2),
     SchedulerSpec(name="hyperband", max_epochs=4, reduction_factor=2),
     SchedulerSpec(name="median", max_epochs=4, grace_period=1),
     SchedulerSpec(name="fifo", max_epochs=4),
@@ -368,6 +370,7 @@ SPEC: dict[str, Any] = {
 SCHEDULERS: dict[str, dict[str, Any]] = {
     "fifo": {"name": "fifo", "max_epochs": 3},
     "asha": {"name": "asha", "max_epochs": 4, "grace_period": 1, "reduction_factor": 2},
+    "mo_asha": {"name": "mo_asha", "max_epochs": 4, "grace_period": 1, "reduction_factor": 2},
     "median": {"name": "median", "max_epochs": 3, "grace_period": 1},
     "hyperband": {"name": "hyperband", "max_epochs": 4, "reduction_factor": 2},
     "pbt": {"name": "pbt", "max_epochs": 4, "perturbation_interval": 1, "synch": False,
@@ -387,6 +390,8 @@ def test_driver_sigkill_then_resume_ends_the_search(scheduler: str, tmp_path: Pa
     spec = json.loads(json.dumps(SPEC))
     spec["name"] = f"kill-{scheduler}"
     spec["search"]["scheduler"] = SCHEDULERS[scheduler]
+    if scheduler == "mo_asha":
+        spec["search"]["objectives"] = ["val_acc", "params", "train_time_s"]
     if scheduler.startswith("pbt"):  # PBT's population runs together; the others one trial per CPU
         spec["search"]["resources"]["cpus_per_trial"] = 0.5
     elif scheduler != "hyperband":  # (validation refuses max_concurrent with hyperband: paused trials hold slots)
