@@ -94,10 +94,13 @@ def _print_time_projection(spec: Any, configs: list[tuple[int, dict[str, Any]]],
         raise UserError(str(e)) from None
     data_mod.prepare(spec.data)
     train, val = data_mod.load_splits(spec.data)
-    try:
-        test_images = len(data_mod.load_test(spec.data))
-    except data_mod.DataError:  # a data set without a test split: retrain cannot test either
-        test_images = 0
+    if spec.data.dataset == "synthetic":
+        test_images = spec.data.synthetic.num_test
+    else:
+        try:
+            test_images = len(data_mod.load_test(spec.data))
+        except (data_mod.DataError, data_mod.TestSplitForbidden):  # no test split: retrain cannot test either
+            test_images = 0
     threads = max(1, int(spec.search.resources.cpus_per_trial))
     rates = measure(spec, configs, device=device, steps=steps, threads=threads)
     conc = local_concurrency(spec, trials)

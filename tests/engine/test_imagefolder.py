@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 from cifar_tune.cli import main
-from cifar_tune.engine import data, imagefolder
+from cifar_tune.engine import data, formats, imagefolder
 from cifar_tune.errors import SpecError
 from cifar_tune.spec.parse import parse_spec
 from cifar_tune.spec.schema import DataSpec
@@ -21,8 +21,9 @@ from cifar_tune.spec.schema import DataSpec
 
 @pytest.fixture(autouse=True)
 def _data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv(data.DATA_ROOT_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(formats.DATA_ROOT_ENV, str(tmp_path / "cache"))
     data.clear_cache()
+    data.allow_test()  # `train` in an earlier test forbids the test split in this process, as a trial does
     yield
     data.clear_cache()
 
