@@ -130,9 +130,10 @@ def _section(defs: dict[str, Any], name: str, options: list[dict[str, Any]]) -> 
 
 def spec_schema() -> dict[str, Any]:
     """The JSON Schema of a search spec file."""
-    from cifar_tune.engine.augment_ops import AUGMENTS
-    from cifar_tune.engine.formats import DATASETS
-    from cifar_tune.engine.model_base import MODELS
+    # the modules that fill the registries (not only the ones that define them)
+    from cifar_tune.engine.augment import AUGMENTS
+    from cifar_tune.engine.data import DATASETS
+    from cifar_tune.engine.models import MODELS
     from cifar_tune.engine.optim import OPTIMIZERS, SCHEDULE_COMMON_KEYS, SCHEDULES
     from cifar_tune.engine.train import TrainOptions
     from cifar_tune.engine.transfer import TRANSFER_HINTS

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,9 @@ def _errors(validator: Draft202012Validator, doc: Any) -> list[str]:
 
 
 def test_the_cli_prints_the_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    # a fresh process: the registries are filled by the schema's own imports, not by earlier tests
+    fresh = subprocess.run([sys.executable, "-m", "cifar_tune", "schema"], capture_output=True, text=True, check=True)
+    assert json.loads(fresh.stdout) == spec_schema()
     assert main(["schema"]) == 0
     assert json.loads(capsys.readouterr().out) == spec_schema()
     assert main(["schema", "--model-file"]) == 0
