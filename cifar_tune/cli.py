@@ -75,7 +75,48 @@ def cmd_preview(args: argparse.Namespace) -> int:
         [{"params": d.params, "config": json.dumps(d.config)} for d in drawn[: total % len(drawn)]]
     if line := checkpoint_disk_line(spec, rows, spec.search.max_concurrent or total):  # (unknown cluster: all at once)
         print(f"  {line}")
+    if args.time:
+        _print_time_projection(spec, [(i, sampler.sample(i).config) for i in range(args.n)], b.epochs_with_stopping,
+                               total, steps=args.time_steps, device_name=args.device)
     return EXIT_OK
+
+
+def _print_time_projection(spec: Any, configs: list[tuple[int, dict[str, Any]]], budget_epochs: int, trials: int, *,
+                           steps: int, device_name: str | None) -> None:
+    """``preview --time``: measured rates of the sampled configs here, and the wall time they project."""
+    from cifar_tune.engine import data as data_mod
+    from cifar_tune.engine.devices import parse_device
+    from cifar_tune.tuning.timing import duration, local_concurrency, measure, project
+
+    try:
+        device = parse_device(device_name)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    data_mod.prepare(spec.data)
+    train, val = data_mod.load_splits(spec.data)
+    if spec.data.dataset == "synthetic":
+        test_images = spec.data.synthetic.num_test
+    else:
+        try:
+            test_images = len(data_mod.load_test(spec.data))
+        except (data_mod.DataError, data_mod.TestSplitForbidden):  # no test split: retrain cannot test either
+            test_images = 0
+    threads = max(1, int(spec.search.resources.cpus_per_trial))
+    rates = measure(spec, configs, device=device, steps=steps, threads=threads)
+    conc = local_concurrency(spec, trials)
+    runs = spec.retrain.top * spec.retrain.seeds
+    p = project(rates, train_images=len(train), val_images=len(val), test_images=test_images,
+                search_epochs=budget_epochs, trials=trials, concurrency=conc, retrain_runs=runs,
+                retrain_epochs=spec.retrain.epochs)
+    print(f"\nmeasured on {device} ({threads} thread(s) per trial, {steps} steps after warm-up per config):")
+    for r in rates:
+        print(f"  [{r.index}] {r.train_images_per_s:,.0f} img/s training, {r.eval_images_per_s:,.0f} img/s evaluation: "
+              f"{len(train) / r.train_images_per_s + len(val) / r.eval_images_per_s:.2f} s per epoch")
+    print(f"  search: ~{p.search_epochs:,} epochs x {p.epoch_s:.2f} s / {p.concurrency} at a time on this machine "
+          f"= ~{duration(p.search_training_s)} training, + ~{duration(p.search_s - p.search_training_s)} start-up "
+          f"and per-trial overhead (idle machine) -> ~{duration(p.search_s)} wall")
+    print(f"  retrain: {runs} refits x {spec.retrain.epochs} epochs on train+val, {p.retrain_concurrency} at a time "
+          f"-> ~{duration(p.retrain_s)}; search + retrain ~{duration(p.total_s)}")
 
 
 class _MemoryCheck:
@@ -126,6 +167,9 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     cfg = load_yaml(path.read_text(), str(path))
     if not isinstance(cfg, dict) or "family" not in cfg:
         raise UserError(f"{path}: a model file is a mapping with 'family' and its hyperparameters")
+    from cifar_tune.engine.usermodels import absolute_factories
+
+    cfg = absolute_factories(cfg, path.parent)  # family python: its module next to the model file
     try:
         model = build_model(cfg, num_classes=args.num_classes, in_channels=args.channels, image_size=args.image_size)
     except ValueError as e:
@@ -170,32 +214,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     """Exit 0: every trial finished and at least one trained; 1: none did; 130: interrupted (Ctrl-C),
     with the command that continues it printed."""
-    from cifar_tune.results import FINISHED
-    from cifar_tune.spec.parse import load_spec
-    from cifar_tune.tuning.driver import run_search, stored_spec
-    from cifar_tune.tuning.sources import num_trials
+    from cifar_tune import api
 
     overrides = [*args.set, *tracking_overrides(args)]
-    resume = args.resume is not None
     if args.resume and args.name and args.resume != args.name:
         raise UserError(f"--resume {args.resume} and --name {args.name} name different experiments")
-    name = args.resume or args.name
-    if args.spec is None:
-        if not args.resume:
-            raise UserError("search: give a spec file, or --resume NAME to continue an experiment from its stored spec")
-        spec = stored_spec(args.storage, args.resume, overrides)
-    else:
-        spec = load_spec(args.spec, overrides)
-    exp = run_search(
-        spec, storage=args.storage, name=name, address=args.address, resume=resume,
-        dashboard=not args.no_dashboard, num_cpus=args.num_cpus, progress_every_s=args.progress_every,
-        dashboard_port=args.dashboard_port,
+    if args.spec is None and not args.resume:
+        raise UserError("search: give a spec file, or --resume NAME to continue an experiment from its stored spec")
+    exp = api.search(
+        args.spec, name=args.resume or args.name, storage=args.storage, overrides=overrides,
+        resume=args.resume is not None, address=args.address, dashboard=not args.no_dashboard,
+        num_cpus=args.num_cpus, progress_every_s=args.progress_every, dashboard_port=args.dashboard_port,
+        out=print, progress=False,
     )
-    trials = exp.read_table("trials.parquet")
-    if len(trials) < num_trials(spec) or not trials["status"].isin(FINISHED).all():
+    if not exp.finished:
         print("interrupted: the search did not finish (continue it with the command above)", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if not trials["status"].isin(["completed", "stopped"]).any():
+    if not exp.trials["status"].isin(["completed", "stopped"]).any():
         print("error: no trial finished training (see the error column of trials.parquet)", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
@@ -214,34 +249,50 @@ def tracking_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from cifar_tune.results import find_experiment
-    from cifar_tune.watch.dashboard import serve
+    from cifar_tune import api
 
-    serve(find_experiment(args.storage, args.experiment), port=args.port)
+    api.open(args.experiment, args.storage).dashboard(port=args.port)
     return EXIT_OK
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
-    from cifar_tune.results import find_experiment
-    from cifar_tune.retrain import run_retrain
+    from cifar_tune import api
 
-    exp = find_experiment(args.storage, args.experiment)
-    df = run_retrain(
-        exp, top=args.top, epochs=args.epochs, seeds=args.seeds, rank_by=args.rank_by,
+    df = api.open(args.experiment, args.storage).retrain(
+        top=args.top, epochs=args.epochs, seeds=args.seeds, rank_by=args.rank_by,
         address=args.address, num_cpus=args.num_cpus, dashboard=not args.no_dashboard, pareto=args.pareto,
     )
     return EXIT_OK if (df["status"] == "completed").all() else EXIT_FAILED
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from cifar_tune.report import build_report
-    from cifar_tune.results import find_experiment
+    from cifar_tune import api
 
-    build_report(find_experiment(args.storage, args.experiment))
+    api.open(args.experiment, args.storage).report()
+    return EXIT_OK
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from cifar_tune import api
+
+    df = api.list_experiments(args.storage)
+    if df.empty:
+        print(f"no experiment under {args.storage}")
+        return EXIT_OK
+    for row in df.to_dict("records"):
+        counts = ", ".join(f"{int(row[s])} {s}" for s in (
+            "completed", "stopped", "diverged", "error", "oom", "running", "pending", "interrupted") if row.get(s) == row.get(s) and row.get(s))
+        metric = row.get("metric")
+        best = row.get(f"best_{metric}") if isinstance(metric, str) else None
+        best_txt = f"best {metric} {best:.4f} ({row['best_trial']})" if best == best and best is not None else "no ranked trial"
+        trials = row.get("trials")
+        trials_txt = f"{int(trials)} trials" if trials == trials and trials is not None else "no trials"
+        print(f"{row['name']:<24} {trials_txt:<10} ({counts or 'none'})  {best_txt}")
     return EXIT_OK
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cifar_tune import api
     from cifar_tune.engine.devices import parse_device
     from cifar_tune.retrain import run_evaluate
 
@@ -249,25 +300,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device = parse_device(args.device)
     except ValueError as e:
         raise UserError(str(e)) from None
-    for checkpoint in _checkpoints(args.checkpoint, args.storage):
-        run_evaluate(checkpoint, args.data, args.split, device=device)
+    if _is_checkpoint(args.checkpoint):
+        run_evaluate(args.checkpoint, args.data, args.split, device=device)
+        return EXIT_OK
+    exp = api.open(args.checkpoint, args.storage)
+    if not exp.checkpoints():
+        raise UserError(f"{exp.path}: no checkpoints/*.pt (run `cifar-tune retrain {args.checkpoint}` first)")
+    exp.evaluate(data=args.data, split=args.split, device=args.device)
     return EXIT_OK
 
 
-def _checkpoints(target: str, storage: str) -> list[str]:
-    """A checkpoint file, or every retrain checkpoint of an experiment (its directory, or its name under
-    ``storage``)."""
-    from pathlib import Path
+def _is_checkpoint(target: str) -> bool:
+    """A checkpoint file, or a search trial's checkpoint directory (with trial.pt); else an experiment
+    (its directory, or its name under ``--storage``)."""
+    return Path(target).is_file() or target.endswith(".pt") or (Path(target) / "trial.pt").is_file()
 
-    from cifar_tune.results import find_experiment
 
-    if Path(target).is_file() or target.endswith(".pt") or (Path(target) / "trial.pt").is_file():  # (a search trial's)
-        return [target]
-    exp = find_experiment(storage, target)
-    found = sorted(str(p) for p in exp.local_dir().glob("checkpoints/*.pt"))
-    if not found:
-        raise UserError(f"{exp.uri()}: no checkpoints/*.pt (run `cifar-tune retrain {target}` first)")
-    return found
+def cmd_schema(args: argparse.Namespace) -> int:
+    from cifar_tune.spec.json_schema import model_file_schema, spec_schema
+
+    print(json.dumps(model_file_schema() if args.model_file else spec_schema(), indent=args.indent))
+    return EXIT_OK
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -322,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=5, help="number of configs to sample (default 5)")
     p.add_argument("--gpu-memory-gb", type=float, default=None,
                    help="memory of the cluster's GPUs, to check each trial's share (default: this machine's GPU)")
+    p.add_argument("--time", action="store_true",
+                   help="measure a few training steps of each sampled config here and project the wall time")
+    p.add_argument("--time-steps", type=int, default=5, help="timed steps per config after 2 warm-up steps (default 5)")
+    p.add_argument("--device", default=None, help="for --time: cpu, cuda, cuda:1 (default: cuda if available)")
     p.set_defaults(func=cmd_preview)
 
     p = sub.add_parser("model-info", help="parameters, buffers and MACs of a model config")
@@ -395,6 +452,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: test; val: the search's validation split (the checkpoint's data spec and split seed)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of a spec (for editor completion and checks)")
+    p.add_argument("--model-file", action="store_true", help="the schema of a model YAML (model-info) instead")
+    p.add_argument("--indent", type=int, default=2, help="JSON indentation (default 2)")
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("list", help="the experiments under a storage root: trials by status and the best score")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, help="storage root (default: experiments)")
+    p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("bench", help="measure training throughput against the hardware limit and Tune efficiency")
     p.add_argument("--model", default="quickstart", help="quickstart, lenet or a model YAML; several comma-separated (default: quickstart)")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, get_type_hints
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -53,10 +53,23 @@ class Registry(dict[str, Callable[..., Any]]):
         available = ", ".join(sorted(self))
         return f"unknown {self.kind} '{name}'{did_you_mean(str(name), sorted(self))}; available: {available}"
 
-    def hyperparameters(self, name: str) -> dict[str, inspect.Parameter]:
-        """Keyword-only parameters of the builder: the keys a config for ``name`` may set."""
-        sig = inspect.signature(self.get_builder(name))
+    def hyperparameters(self, name: str, config: Mapping[str, Any] | None = None) -> dict[str, inspect.Parameter]:
+        """Keyword-only parameters of the builder: the keys a config for ``name`` may set. A builder whose
+        keys depend on the config (a user's model factory) has ``config_hyperparameters(config)``."""
+        builder = self.get_builder(name)
+        dynamic = getattr(builder, "config_hyperparameters", None)
+        if dynamic is not None and config is not None:
+            return dict(dynamic(config))
+        sig = inspect.signature(builder)
         return {p.name: p for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+    def type_hints(self, name: str, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The hyperparameters' annotations (``config_type_hints(config)`` where the builder has it)."""
+        builder = self.get_builder(name)
+        dynamic = getattr(builder, "config_type_hints", None)
+        if dynamic is not None and config is not None:
+            return dict(dynamic(config))
+        return get_type_hints(builder)
 
     def defaults(self, name: str) -> dict[str, Any]:
         return {

@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Mapping
@@ -254,15 +255,26 @@ def find_experiment(storage_root: str, name: str | None) -> Experiment:
         name = max(dirs, key=lambda d: d[1])[0]
     exp = Experiment(storage_root, name)
     if not exp.exists():
-        raise UserError(f"experiment '{name}' not found under {exp.storage.uri()} (no spec.yaml)")
+        from cifar_tune.registry import did_you_mean
+
+        hint = did_you_mean(name, experiment_names(storage_root))
+        raise UserError(f"experiment '{name}' not found under {exp.storage.uri()} (no spec.yaml){hint}")
     return exp
+
+
+def experiment_names(storage_root: str) -> list[str]:
+    """Names of the experiments under a storage root (directories with a spec.yaml), oldest first."""
+    storage = Storage(storage_root)
+    try:
+        dirs = storage.list_dirs()
+    except (FileNotFoundError, OSError):
+        return []
+    return [n for n, _ in sorted(dirs, key=lambda d: d[1]) if storage.exists(f"{n}/spec.yaml")]
 
 
 def run_metadata() -> dict[str, Any]:
     """Library versions and code revision, stored next to the resolved spec."""
     from importlib.metadata import PackageNotFoundError, version
-
-    import cifar_tune
 
     def installed(dist: str) -> str | None:  # without importing it (Ray stays in the tuning layer)
         try:
@@ -282,7 +294,8 @@ def run_metadata() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         pass
     return {
-        "cifar_tune": cifar_tune.__version__,
+        # the package is loaded (this is its submodule); importing it here would loop through its API
+        "cifar_tune": sys.modules["cifar_tune"].__version__,
         "code_revision": rev,
         "python": platform.python_version(),
         **{dist: installed(dist) for dist in ("torch", "torchvision", "ray", "pandas", "pyarrow", "optuna")},

@@ -452,7 +452,11 @@ def _refit(
     res_spec = stored.search.resources
     mps, _ = search_mps(replace(res_spec, mps="auto" if res_spec.mps == "on" else res_spec.mps),
                         joins=cluster_mod.joins_cluster(address))
-    cluster = cluster_mod.connect(address, dashboard=dashboard, num_cpus=num_cpus, mps=mps, out=out)
+    from cifar_tune.engine.usermodels import factory_files
+
+    configs = [json.loads(c)["model"] for c in chosen["config"]]
+    cluster = cluster_mod.connect(address, dashboard=dashboard, num_cpus=num_cpus, mps=mps, out=out,
+                                  py_modules=factory_files(configs))
     print_cluster(cluster, out)
     try:
         res = tuner.trial_resources(stored.search.resources, cluster)
@@ -528,7 +532,10 @@ class CheckpointEval:
 
 
 def override_data(ckpt_data: DataSpec, value: str) -> DataSpec:
-    """``--data``: a dataset name (cifar10, synthetic, ...) or a path to an .npz file."""
+    """``--data``: a dataset name (cifar10, synthetic, ...), a path to an .npz file or an image folder."""
+    if Path(value).is_dir():  # an image folder (train/<class>/..., test/<class>/...)
+        return DataSpec(dataset="imagefolder", path=str(Path(value).expanduser().resolve()), root=ckpt_data.root,
+                        image_size=ckpt_data.image_size)
     if value.endswith(".npz") or Path(value).is_file():
         path = Path(value).expanduser()
         if not path.is_file():

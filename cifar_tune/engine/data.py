@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from cifar_tune.engine import imagefolder
 from cifar_tune.engine.formats import (
     CIFAR_SOURCES,
     DATASETS,
@@ -147,6 +148,12 @@ def _synthetic() -> DatasetEntry:
 def _npz() -> DatasetEntry:
     # prepare() validates the training arrays so a malformed file fails before any trial starts.
     return DatasetEntry(lambda d, train: read_npz(_npz_path(d), train), _computed_info, _validate_npz, _npz_key)
+
+
+@DATASETS.register("imagefolder")
+def _imagefolder() -> DatasetEntry:
+    # your own images (torchvision's ImageFolder layout), decoded once into the on-disk cache
+    return DatasetEntry(imagefolder.load, _computed_info, imagefolder.prepare, imagefolder.cache_key)
 
 
 def _entry(data: DataSpec) -> DatasetEntry:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from cifar_tune.engine import resnet as _resnet  # noqa: F401  registers resnet into MODELS
+from cifar_tune.engine import usermodels as _usermodels  # noqa: F401  registers python (a researcher's factory)
 from cifar_tune.engine.model_base import (
     _ACTIVATIONS,
     _LAYER_ORDERS,
@@ -355,7 +356,7 @@ def build_model(
         raise ValueError(f"family: missing; available: {', '.join(sorted(MODELS))}")
     family = cfg["family"]
     try:
-        allowed = MODELS.hyperparameters(family)
+        allowed = MODELS.hyperparameters(family, cfg)
     except UnknownNameError as e:
         raise ValueError(f"family: {e}") from None
     hparams = {k: v for k, v in cfg.items() if k != "family" and k not in TRANSFER_KEYS}

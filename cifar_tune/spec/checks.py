@@ -57,8 +57,12 @@ def _check_registry_section(
         if name not in registry:
             errors.add(f"{alt_path}.{key}", registry.unknown_message(name))
             continue
-        hps = registry.hyperparameters(name)
-        hints = get_type_hints(registry[name])
+        try:  # (a user's model: read from its factory, which may fail to import)
+            hps = registry.hyperparameters(name, alt)
+            hints = registry.type_hints(name, alt)
+        except ValueError as e:
+            _add_build_error(errors, alt_path, str(e))
+            continue
         accepted = {**{k: hints.get(k, Any) for k in hps}, **extra_keys}
         n_before = len(errors.items)
         for k, v in alt.items():
@@ -416,6 +420,13 @@ def _dataset_info(data: DataSpec, errors: ErrorList) -> Any:
     if data.dataset == "npz" and not data.path:
         errors.add("data.path", "required for dataset 'npz' (a .npz file with x_train, y_train)")
         return None
+    if data.dataset == "imagefolder" and not data.path:
+        errors.add("data.path", "required for dataset 'imagefolder' (a folder with train/<class>/*.png|jpg)")
+        return None
+    if data.image_size is not None and data.dataset != "imagefolder":
+        where = "data.synthetic.image_size" if data.dataset == "synthetic" else "the data set's own size"
+        errors.add("data.image_size", f"only used by dataset 'imagefolder' (for {data.dataset}: {where})")
+        return None
     try:
         return data_mod.dataset_info(data)
     except (data_mod.DataError, OSError) as e:
@@ -423,7 +434,7 @@ def _dataset_info(data: DataSpec, errors: ErrorList) -> Any:
         if where == "data.classes":
             errors.add(where, message)
         else:
-            errors.add("data.path" if data.dataset == "npz" else "data", str(e))
+            errors.add("data.path" if data.dataset in ("npz", "imagefolder") else "data", str(e))
         return None
 
 

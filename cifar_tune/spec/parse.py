@@ -145,6 +145,11 @@ def parse_spec(raw: Any, source: str = "<spec>", *, check_budget: bool = True) -
         from cifar_tune.engine.transfer import absolute_checkpoints
 
         space_raw = {**space_raw, "model": absolute_checkpoints(space_raw["model"])}  # like data.root: vs cwd
+        from cifar_tune.engine.usermodels import absolute_factories
+
+        # a user's model module next to the spec file is found from anywhere (vs the spec's directory)
+        spec_dir = Path(source).parent if source != "<spec>" and Path(source).is_file() else Path.cwd()
+        space_raw = {**space_raw, "model": absolute_factories(space_raw["model"], spec_dir)}
     space = {k: parse_tree(v, f"space.{k}", errors) for k, v in space_raw.items()}
     if not errors:
         check_space(space, info, search.algorithm, search.seed, errors)

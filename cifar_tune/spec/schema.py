@@ -31,9 +31,11 @@ class SyntheticSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    dataset: str = "cifar10"  # cifar10 | cifar100 | stl10 | synthetic | npz
+    dataset: str = "cifar10"  # cifar10 | cifar100 | stl10 | synthetic | npz | imagefolder
     root: str | None = None  # data root; None -> $CIFAR_TUNE_DATA or ~/.cache/cifar-tune
-    path: str | None = None  # the .npz file, for dataset: npz
+    path: str | None = None  # the .npz file (dataset npz), the folder with train/<class>/ (imagefolder)
+    # imagefolder: images are resized to image_size x image_size; null: 32
+    image_size: int | None = field(default=None, metadata=_check(lambda v: v >= 8, "must be >= 8"))
     val_fraction: float = field(default=0.2, metadata=_check(lambda v: 0 < v < 1, "must be in (0, 1)"))
     # use only this many training images (stratified), for quick runs
     subset: int | None = field(default=None, metadata=_check(lambda v: v >= 2, "must be >= 2"))

@@ -60,10 +60,26 @@ def parse_tree(value: Any, path: str, errors: ErrorList) -> Any:
             (key, args), = value.items()
             if key in DIST_ARITY:
                 return _parse_dist(str(key), args, f"{path}.{key}", errors)
+            if isinstance(args, list) and (close := misspelled_dist(str(key))):
+                # dist arguments are lists: a one-key mapping of a list is almost surely a misspelled dist
+                errors.add(f"{path}.{key}", f"unknown distribution (did you mean '{close}'?); "
+                           f"distributions: {', '.join(DIST_ARITY)}")
+                return None
         return {str(k): parse_tree(v, f"{path}.{k}", errors) for k, v in value.items()}
     if isinstance(value, list):
         return [parse_tree(v, f"{path}[{i}]", errors) for i, v in enumerate(value)]
     return value
+
+
+def misspelled_dist(name: str) -> str | None:
+    """The distribution ``name`` is a near miss of (``log_uniform``, ``choise``, ``unifrom``), or None."""
+    import difflib
+
+    folded = name.lower().replace("_", "").replace("-", "")
+    if folded in DIST_ARITY:
+        return folded
+    close = difflib.get_close_matches(name.lower(), list(DIST_ARITY), n=1, cutoff=0.8)
+    return close[0] if close else None
 
 
 def _parse_dist(kind: str, args: Any, path: str, errors: ErrorList) -> Dist | None:

@@ -90,13 +90,16 @@ def joins_cluster(address: str | None) -> bool:
 
 
 def connect(address: str | None = None, *, dashboard: bool = True, num_cpus: int | None = None,
-            mps: bool = False, mps_required: bool = False, out: Callable[[str], None] = print) -> RayInfo:
+            mps: bool = False, mps_required: bool = False, out: Callable[[str], None] = print,
+            py_modules: list[str] | None = None) -> RayInfo:
     """Start a local Ray instance, or join ``address`` (e.g. ``auto`` or ``10.0.0.1:6379``).
 
     A local instance offers trials ``num_cpus`` CPUs (default: :func:`devices.cpus_for_trials` of the
     machine's cores, the rest left to Ray's own processes). ``mps``: run the CUDA MPS daemon for the
     local instance's workers, started before them and stopped by :func:`shutdown`; if it does not start,
     an error with ``mps_required``, else a line through ``out`` and the search goes on without it.
+    ``py_modules``: the researcher's model files, shipped to a joined cluster's workers (a local
+    instance's workers load them from their paths).
     """
     started_here = False
     # a driver started by `ray job submit` finds its cluster in RAY_ADDRESS, as ray.init() would
@@ -105,6 +108,8 @@ def connect(address: str | None = None, *, dashboard: bool = True, num_cpus: int
         kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
         if address:
             check_reachable(address)
+            if py_modules:
+                kwargs["runtime_env"] = {"py_modules": list(py_modules)}
             try:
                 ctx = ray.init(address=address, **kwargs)
             except ConnectionError as e:  # e.g. `auto` with no cluster on this machine

@@ -64,7 +64,10 @@ def stored_spec(storage: str, name: str, overrides: list[str] | None = None) -> 
 
     exp = Experiment(storage, name)
     if not exp.exists():
-        raise UserError(f"--resume: no experiment '{name}' at {exp.uri()}")
+        from cifar_tune.registry import did_you_mean
+        from cifar_tune.results import experiment_names
+
+        raise UserError(f"--resume: no experiment '{name}' at {exp.uri()}{did_you_mean(name, experiment_names(storage))}")
     raw = yaml.safe_load(exp.read_text("spec.yaml"))["spec"]
     return parse_spec(apply_overrides(raw, overrides or []), exp.uri("spec.yaml"))
 
@@ -189,7 +192,10 @@ def run_search(
     progress_every_s: float = 15.0,
     dashboard_port: int = 8080,
     out: Printer = print,
+    progress: Printer | None = None,
 ) -> Experiment:
+    """Run (or with ``resume`` continue) ``spec``'s search; ``progress``: where one status line per tick
+    goes instead of the periodic table (``out`` still gets every other line)."""
     from cifar_tune.engine import data as data_mod
     from cifar_tune.tuning import cluster as cluster_mod
     from cifar_tune.watch import tracking
@@ -204,11 +210,14 @@ def run_search(
     data_mod.prepare(spec.data)
     data_mod.check_split(spec.data)  # a subset larger than the data set fails here, not in every trial
     mps, mps_why = search_mps(spec.search.resources, joins=cluster_mod.joins_cluster(address))
+    from cifar_tune.engine.usermodels import factory_files
+
     cluster = cluster_mod.connect(address, dashboard=dashboard, num_cpus=num_cpus, mps=mps,
-                            mps_required=spec.search.resources.mps == "on", out=out)
+                                  mps_required=spec.search.resources.mps == "on", out=out,
+                                  py_modules=factory_files(spec.space.get("model")))
     try:
         return _search_on(cluster, spec, exp, resume=resume, address=address, mps=(mps, mps_why), dashboard=dashboard,
-                          dashboard_port=dashboard_port, progress_every_s=progress_every_s, out=out)
+                          dashboard_port=dashboard_port, progress_every_s=progress_every_s, out=out, progress=progress)
     finally:
         if cluster.started_here:  # a Ray instance started for this search ends with it (called from Python too)
             cluster_mod.shutdown()
@@ -216,7 +225,7 @@ def run_search(
 
 def _search_on(cluster: Any, spec: Spec, exp: Experiment, *, resume: bool, address: str | None,
                mps: tuple[bool, str], dashboard: bool, dashboard_port: int, progress_every_s: float,
-               out: Printer) -> Experiment:
+               out: Printer, progress: Printer | None = None) -> Experiment:
     """The search once connected: data, plan, trials on Ray Tune, records."""
     from cifar_tune.engine import data as data_mod
     from cifar_tune.tuning import callbacks as callbacks_mod
@@ -233,7 +242,7 @@ def _search_on(cluster: Any, spec: Spec, exp: Experiment, *, resume: bool, addre
     print_cluster(cluster, out)
     if spec.search.resources.gpus_per_trial > 0:
         out(f"CUDA MPS {'on' if mps_on else 'off'}: {mps_why}")
-    mirror = _trials_dashboard(spec, exp, log, serve=dashboard, port=dashboard_port, out=out)
+    mirror, server = _trials_dashboard(spec, exp, log, serve=dashboard, port=dashboard_port, out=out)
     for line in tracking.describe(spec.tracking, exp):
         out(line)
     resources = tuner.trial_resources(spec.search.resources, cluster)
@@ -256,7 +265,7 @@ def _search_on(cluster: Any, spec: Spec, exp: Experiment, *, resume: bool, addre
         out(disk)
     if remaining == 0:
         out("nothing to run: every trial has finished")
-    live = LiveTable(log, total, out, progress_every_s)
+    live = LiveTable(log, total, out, progress_every_s, progress)
     events = Fanout(live, mirror, GaugeSink(log, trainable.SearchGauges(exp.name, spec.search.metric, GaugeSink.STATUSES)))
     mlflow_args, wandb_args = tracking.search_callback_args(spec.tracking, exp)
     facts = Facts(log, spec.space)
@@ -297,6 +306,9 @@ def _search_on(cluster: Any, spec: Spec, exp: Experiment, *, resume: bool, addre
         log.write_hypervolume()
         if mirror is not None:
             mirror.close()
+        if server is not None:  # served while the search runs; a later search in this process serves its own
+            server.shutdown()
+            server.server_close()
         # W&B's callback cleans up in __del__, which fails at interpreter exit: collect it while Ray is up
         callbacks.clear()
         gc.collect()
@@ -343,8 +355,9 @@ def gpu_warnings(cluster_gpus: float, gpus_per_trial: float, concurrent: int) ->
     return []
 
 
-def _trials_dashboard(spec: Spec, exp: Experiment, log: TrialLog, *, serve: bool, port: int, out: Printer) -> Any:
-    """Mirror the search into the Optuna journal and (unless --no-dashboard) serve it from this driver."""
+def _trials_dashboard(spec: Spec, exp: Experiment, log: TrialLog, *, serve: bool, port: int, out: Printer) -> tuple[Any, Any]:
+    """Mirror the search into the Optuna journal and (unless --no-dashboard) serve it from this driver:
+    (the mirror, the server or None)."""
     from cifar_tune.watch import dashboard
 
     try:
@@ -354,15 +367,16 @@ def _trials_dashboard(spec: Spec, exp: Experiment, log: TrialLog, *, serve: bool
         )
     except UserError as e:
         out(f"trials dashboard: off ({e.lines[0]})")
-        return None
+        return None, None
+    server = None
     if not serve:
         out(f"trials journal: {mirror.path}  (serve it: cifar-tune dashboard {exp.name})")
     elif dashboard.dashboard_available():
-        out(f"trials dashboard: {dashboard.start_in_background(mirror.path, port)[1]}  (served by this driver while it runs; "
-            f"afterwards: cifar-tune dashboard {exp.name})")
+        server, address = dashboard.start_in_background(mirror.path, port)
+        out(f"trials dashboard: {address}  (served by this driver while it runs; afterwards: cifar-tune dashboard {exp.name})")
     else:
         out(f"trials journal: {mirror.path}  (for the dashboard: pip install 'cifar-tune[dashboard]')")
-    return mirror
+    return mirror, server
 
 
 def print_cluster(c: Any, out: Printer) -> None:

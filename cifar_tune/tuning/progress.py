@@ -18,8 +18,9 @@ from cifar_tune.tuning.sources import Printer
 class LiveTable:
     """The events sink: records to the TrialLog and prints a compact status table now and then."""
 
-    def __init__(self, log: TrialLog, total: int, out: Printer, every_s: float) -> None:
+    def __init__(self, log: TrialLog, total: int, out: Printer, every_s: float, progress: Printer | None = None) -> None:
         self.log, self.total, self.out, self.every_s = log, total, out, every_s
+        self.progress = progress  # set: each tick sends one status line there instead of the periodic table
         self.t0 = time.monotonic()
         self._last_print = 0.0
 
@@ -54,7 +55,9 @@ class LiveTable:
 
     def tick(self) -> None:
         self.log.flush(idle=True)  # a checkpoint or result the throttle held back reaches the disk
-        if time.monotonic() - self._last_print >= self.every_s:
+        if self.progress is not None:
+            self.progress(self.status_line())
+        elif time.monotonic() - self._last_print >= self.every_s:
             self.print_table()
 
     def _one_line(self, trial_id: str) -> None:
@@ -66,6 +69,15 @@ class LiveTable:
 
     def print_table(self) -> None:
         self._last_print = time.monotonic()
+        self.out(self.status_line())
+        m = self.log.metric
+        for r in self.log.rows.values():
+            if r["status"] == "running":
+                val = r.get(f"last_{m}")
+                val_txt = f"{m} {val:.4f}" if val is not None else ""
+                self.out(f"    {trial_label(r['trial_id'], json.loads(r['config'])):<28} epoch {r.get('epochs_run', 0):>3}/{r['max_epochs']}  {val_txt}")
+
+    def status_line(self) -> str:
         c = self.log.counts()
         done = sum(c.get(s, 0) for s in FINISHED)
         best = self.log.best()
@@ -73,12 +85,7 @@ class LiveTable:
         best_txt = f"best {m} {best[f'best_{m}']:.4f} ({best['trial_id']})" if best else "no results yet"
         parts = ", ".join(f"{c[s]} {s}" for s in FINISHED if c.get(s))
         elapsed = time.monotonic() - self.t0
-        self.out(f"[{elapsed:6.0f}s] {c.get('running', 0)} running | {done}/{self.total} finished ({parts or 'none'}) | {best_txt}")
-        for r in self.log.rows.values():
-            if r["status"] == "running":
-                val = r.get(f"last_{m}")
-                val_txt = f"{m} {val:.4f}" if val is not None else ""
-                self.out(f"    {trial_label(r['trial_id'], json.loads(r['config'])):<28} epoch {r.get('epochs_run', 0):>3}/{r['max_epochs']}  {val_txt}")
+        return f"[{elapsed:6.0f}s] {c.get('running', 0)} running | {done}/{self.total} finished ({parts or 'none'}) | {best_txt}"
 
 
 # ------------------------------------------------------------------------------------ checkpoints

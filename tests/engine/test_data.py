@@ -461,7 +461,7 @@ def test_forbid_test_and_counter() -> None:
 
 
 def test_registry_and_split_dataclass() -> None:
-    assert set(data.DATASETS) == {"cifar10", "cifar100", "stl10", "synthetic", "npz"}
+    assert set(data.DATASETS) == {"cifar10", "cifar100", "stl10", "synthetic", "npz", "imagefolder"}
     with pytest.raises(KeyError, match="unknown dataset 'cifar1000'.*available: cifar10, cifar100"):
         data.dataset_info(DataSpec(dataset="cifar1000"))
     with pytest.raises(TypeError):

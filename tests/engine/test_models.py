@@ -30,6 +30,8 @@ SMALL: dict[str, dict[str, Any]] = {
     "resnet_bottleneck": {"family": "resnet", "widths": [4, 8], "blocks": [1, 1], "block": "bottleneck"},
     "resnet_maxpool": {"family": "resnet", "widths": [8, 8, 16], "blocks": [1, 1, 1], "shortcut": "maxpool"},
     "torchvision": {"family": "torchvision", "name": "resnet18"},
+    # a researcher's own model: the shipped example module, by its path
+    "python": {"family": "python", "factory": f"{MODEL_DIR.parent / 'examples' / 'my_nets.py'}:CNN7", "width": 4},
 }
 CASES = sorted(SMALL)
 
