@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 
 from cifar_tune.cli import build_parser
-from cifar_tune.engine.augment_ops import AUGMENTS
+from cifar_tune.engine.augment import AUGMENTS  # complete: augment imports the policies
 from cifar_tune.engine.data import DATASETS  # data.py registers the data sets
 from cifar_tune.engine.models import MODELS  # models.py registers every family (resnet too)
 from cifar_tune.engine.optim import OPTIMIZERS, SCHEDULE_COMMON_KEYS, SCHEDULES
-from cifar_tune.engine.policies import AUTO_POLICIES  # policies.py registers the policies into AUGMENTS
+from cifar_tune.engine.policies import AUTO_POLICIES
 from cifar_tune.engine.train import TrainOptions
 from cifar_tune.engine.transfer import TRANSFER_HINTS
 from cifar_tune.registry import Registry
