@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from cifar_tune.errors import UserError
+from cifar_tune.text import plural, summarize_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_STORAGE = "experiments"
@@ -33,8 +34,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"  data: {spec.data.dataset}, val_fraction {spec.data.val_fraction}" + (f", subset {spec.data.subset}" if spec.data.subset else ""))
     print(f"  {len(searched)} distributions searched" + (": " + ", ".join(searched) if searched else ""))
     print(
-        f"  {spec.search.algorithm} search, grid size {grid}, {spec.search.num_samples * grid} trials, "
-        f"scheduler {spec.search.scheduler.name} up to {spec.search.scheduler.max_epochs} epochs, "
+        f"  {spec.search.algorithm} search, grid size {grid}, {plural(spec.search.num_samples * grid, 'trial')}, "
+        f"scheduler {spec.search.scheduler.name} up to {plural(spec.search.scheduler.max_epochs, 'epoch')}, "
         f"metric {spec.search.metric} ({spec.search.resolved_mode})"
     )
     return EXIT_OK
@@ -53,18 +54,18 @@ def cmd_preview(args: argparse.Namespace) -> int:
         s = sampler.sample(i)
         note = f", {s.rejected} over budget rejected" if s.rejected else ""
         print(f"[{i}] params={s.params:,}{note}{memory.line(s.config)}")
-        print(f"    {_fmt_config(s.config)}")
+        print(f"    {summarize_config(s.config)}")
     memory.summary()
     b = search_budget(num_trials(spec), spec.search.scheduler)
     sched = spec.search.scheduler
-    print(f"\n{sched.name} budget for {b.trials} trials, up to {sched.max_epochs} epochs each:")
+    print(f"\n{sched.name} budget for {plural(b.trials, 'trial')}, up to {plural(sched.max_epochs, 'epoch')} each:")
     if sched.name in ("asha", "mo_asha", "hyperband"):  # (mo_asha: the same rungs)
         print(f"  grace period {sched.grace_period}, reduction factor {sched.reduction_factor:g} (keeps the top 1/{sched.reduction_factor:g} per rung)")
         for i, (rungs, share) in enumerate(zip(b.brackets, b.bracket_share, strict=True)):
             if len(b.brackets) > 1:
                 print(f"  bracket {i} (~{share:.0%} of the trials):")
             for r in rungs:
-                print(f"  rung at epoch {r.epoch:>4}: ~{r.trials} trials")
+                print(f"  rung at epoch {r.epoch:>4}: ~{plural(r.trials, 'trial')}")
     print(
         f"  total epochs: ~{b.epochs_with_stopping:,} with early stopping vs {b.epochs_without_stopping:,} without "
         f"({b.saving:.0%} saved)"
@@ -261,6 +262,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     df = api.open(args.experiment, args.storage).retrain(
         top=args.top, epochs=args.epochs, seeds=args.seeds, rank_by=args.rank_by,
         address=args.address, num_cpus=args.num_cpus, dashboard=not args.no_dashboard, pareto=args.pareto,
+        tsne=not args.no_tsne,
     )
     return EXIT_OK if (df["status"] == "completed").all() else EXIT_FAILED
 
@@ -433,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray instance (default: all)")
     p.add_argument("--address", default=None, help="join an existing Ray cluster (e.g. auto or HOST:6379)")
     p.add_argument("--no-dashboard", action="store_true", help="do not start the Ray dashboard")
+    p.add_argument("--no-tsne", action="store_true",
+                   help="skip the t-SNE feature map of the best model (tsne.parquet; seconds to minutes on a CPU)")
     p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser("report", help="write report.md and PNG plots into the experiment directory")
@@ -476,16 +480,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-throughput", action="store_true", help="skip rows a-e (only --pack / --workflow)")
     p.add_argument("--only-ops", action="store_true",
                    help="only count ATen ops per training step (augmentation, model, optimizer); seconds, any device")
-    p.add_argument("--loader-workers", type=int, default=2, help="DataLoader workers of the seed-style row c (default 2)")
+    p.add_argument("--loader-workers", type=int, default=2, help="DataLoader workers of row c, the per-image PIL pipeline (default 2)")
     p.add_argument("--compile", action="store_true", help="also time fit with torch.compile (compile cost, break-even)")
     p.add_argument("--pack", default=None, metavar="K,K,...",
                    help="packing: a real search with K trials sharing one GPU (gpus_per_trial 1/K; on CPU, K CPUs), e.g. 1,2,4,8,16")
     p.add_argument("--pack-model", default="seed000", help="model of the packing searches (default: seed000)")
     p.add_argument("--pack-epochs", type=int, default=3, help="epochs per packed trial (default 3; the first is not measured)")
-    p.add_argument("--pack-batch-size", type=int, default=128, help="batch size of packed trials (default 128, seed 000's)")
+    p.add_argument("--pack-batch-size", type=int, default=128, help="batch size of packed trials (default 128)")
     p.add_argument("--mps", default="off", help="off, on or off,on: packing without/with the CUDA MPS daemon")
     p.add_argument("--images", type=int, default=50_000, help="CIFAR-100-shaped synthetic images for --pack/--workflow")
-    p.add_argument("--workflow", action="store_true", help="a shortened seed-000 search + retrain, timed; the full one projected")
+    p.add_argument("--workflow", action="store_true", help="a shortened CIFAR-100 search + retrain (seed000_cifar100_asha.yaml), timed; the full one projected")
     p.add_argument("--workflow-trials", type=int, default=16)
     p.add_argument("--workflow-epochs", type=int, default=5)
     p.set_defaults(func=cmd_bench)

@@ -15,37 +15,34 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.ticker import NullFormatter
 
 from cifar_tune.engine.features import TSNE_TABLE
 from cifar_tune.errors import UserError
+from cifar_tune.plots import (
+    MAX_LABELLED_CLASSES,
+    hyperparameter_figure,
+    is_log_scale,  # noqa: F401 - part of the report's interface
+    isna,
+    per_class_figure,
+    pyplot,
+)
 from cifar_tune.report_pareto import Plots, pareto_section
 from cifar_tune.results import Experiment
-from cifar_tune.retrain import rank_trials, ranking_rule, summarize_config
+from cifar_tune.retrain import rank_trials, ranking_rule
 from cifar_tune.spec.stored import StoredSpec, load_stored_spec
+from cifar_tune.text import plural, summarize_config
 
 Printer = Callable[[str], None]
 STATUS_COLORS = {"completed": "tab:green", "stopped": "tab:blue", "diverged": "tab:red", "error": "tab:gray", "oom": "tab:purple"}
-LOG_HINTS = ("lr", "learning_rate", "weight_decay", "wd", "eps")  # names that are searched on a log scale
-MAX_LABELLED_CLASSES = 20  # beyond this, axis labels are unreadable
 
 
 # ---------------------------------------------------------------------------------------- helpers
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers; must precede the pyplot import
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(exp: Experiment, fig: Any, name: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     exp.write_bytes(name, buf.getvalue())
     return name
 
@@ -56,38 +53,10 @@ def varying_config_columns(trials: pd.DataFrame) -> list[str]:
     for col in trials.columns:
         if not col.startswith("config."):
             continue
-        values = {json.dumps(v, default=str) for v in trials[col] if not _isna(v)}
+        values = {json.dumps(v, default=str) for v in trials[col] if not isna(v)}
         if len(values) > 1:
             out.append(col)
     return out
-
-
-def _isna(v: Any) -> bool:
-    if isinstance(v, list | tuple | np.ndarray | dict):
-        return False
-    if isinstance(v, str):  # parquet stores mixed-type config columns as JSON text: NaN/null mean absent
-        return v in ("NaN", "null")
-    try:
-        return bool(pd.isna(v))
-    except (TypeError, ValueError):
-        return False
-
-
-def _numeric(series: pd.Series) -> pd.Series | None:
-    """The column as floats if every present value is a real number (not a bool), else None."""
-    present = [v for v in series if not _isna(v)]
-    if not present or any(isinstance(v, bool | np.bool_) or not isinstance(v, int | float | np.integer | np.floating) for v in present):
-        return None
-    return pd.to_numeric(series, errors="coerce").astype(float)
-
-
-def is_log_scale(col: str, values: pd.Series) -> bool:
-    """lr-like names, or positive values spanning more than two decades."""
-    v = values.dropna()
-    if len(v) == 0 or (v <= 0).any():
-        return False
-    leaf = col.rsplit(".", 1)[-1].lower()
-    return leaf in LOG_HINTS or leaf.endswith("_lr") or v.max() / v.min() > 100
 
 
 def _class_names(exp: Experiment, stored: StoredSpec, num_classes: int, retrain: pd.DataFrame | None) -> list[str]:
@@ -116,7 +85,7 @@ def _class_names(exp: Experiment, stored: StoredSpec, num_classes: int, retrain:
 
 
 def plot_val_curves(exp: Experiment, epochs: pd.DataFrame, trials: pd.DataFrame, metric: str, best_id: str | None) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     status = dict(zip(trials["trial_id"], trials["status"], strict=False))
     for tid, g in epochs.dropna(subset=[metric]).groupby("trial_id"):
@@ -158,7 +127,7 @@ def _lineage_table(events: list[dict[str, Any]], k: int = 30) -> list[str]:
 def plot_pbt(exp: Experiment, epochs: pd.DataFrame, metric: str, events: list[dict[str, Any]]) -> str:
     """Left: the metric per trial, with an arrow from the copied trial to the copier at each exploit
     (the curves jump there). Right: the learning rate each trial trained with, stepping at exploits."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(13, 5))
     curves = {tid: g.sort_values("epoch") for tid, g in epochs.groupby("trial_id")}
     colors = {tid: plt.cm.tab10(i % 10) for i, tid in enumerate(sorted(curves))}
@@ -192,7 +161,7 @@ def survival_counts(trials: pd.DataFrame, max_epochs: int) -> list[int]:
 
 
 def plot_survival(exp: Experiment, trials: pd.DataFrame, stored: StoredSpec) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     sched = stored.search.scheduler
     counts = survival_counts(trials, sched.max_epochs)
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -209,38 +178,8 @@ def plot_survival(exp: Experiment, trials: pd.DataFrame, stored: StoredSpec) -> 
 
 
 def plot_hyperparameters(exp: Experiment, trials: pd.DataFrame, cols: list[str], score_col: str) -> str | None:
-    scored = trials[pd.to_numeric(trials[score_col], errors="coerce").notna()] if score_col in trials else trials.iloc[:0]
-    if not cols or scored.empty:
-        return None
-    plt = _pyplot()
-    ncols = min(3, len(cols))
-    nrows = math.ceil(len(cols) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.3 * nrows), squeeze=False)
-    y = scored[score_col].astype(float)
-    colors = pd.to_numeric(scored["epochs_run"], errors="coerce").fillna(0)
-    rng = np.random.default_rng(0)
-    for ax, col in zip(axes.flat, cols, strict=False):
-        num = _numeric(scored[col])
-        if num is not None:
-            sc = ax.scatter(num, y, c=colors, cmap="viridis", s=18, vmin=0)
-            if is_log_scale(col, num):
-                ax.set_xscale("log")
-                ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a narrow range overlap
-        else:
-            labels = [json.dumps(v, default=str) if not isinstance(v, str) else v for v in scored[col]]
-            cats = sorted({lab for lab, v in zip(labels, scored[col], strict=False) if not _isna(v)})
-            pos = {c: i for i, c in enumerate(cats)}
-            keep = [not _isna(v) for v in scored[col]]
-            xs = [pos[lab] + rng.uniform(-0.15, 0.15) for lab, k in zip(labels, keep, strict=False) if k]
-            sc = ax.scatter(xs, y[keep], c=colors[keep], cmap="viridis", s=18, vmin=0)
-            ax.set_xticks(range(len(cats)), [c[:18] for c in cats], rotation=30, ha="right", fontsize=7)
-        ax.set_title(col.removeprefix("config."), fontsize=9)
-        ax.set_ylabel(score_col, fontsize=8)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(cols):]:
-        ax.axis("off")
-    fig.colorbar(sc, ax=axes, label="epochs run", shrink=0.8)
-    return _save(exp, fig, "report_hyperparameters.png")
+    fig = hyperparameter_figure(trials, cols, score_col)
+    return None if fig is None else _save(exp, fig, "report_hyperparameters.png")
 
 
 def plot_optimizers(exp: Experiment, trials: pd.DataFrame, score_col: str) -> str | None:
@@ -250,7 +189,7 @@ def plot_optimizers(exp: Experiment, trials: pd.DataFrame, score_col: str) -> st
     scored = trials[pd.to_numeric(trials[score_col], errors="coerce").notna()]
     if scored.empty:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     names = sorted(scored[col].dropna().astype(str).unique())
     groups = [scored.loc[scored[col].astype(str) == n, score_col].astype(float).to_numpy() for n in names]
     fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(names)), 4))
@@ -265,20 +204,11 @@ def plot_optimizers(exp: Experiment, trials: pd.DataFrame, score_col: str) -> st
 
 
 def plot_per_class(exp: Experiment, acc: np.ndarray, names: list[str], title: str) -> str:
-    plt = _pyplot()
-    order = np.argsort(acc)
-    if len(acc) > MAX_LABELLED_CLASSES:
-        order = np.concatenate([order[:5], order[-5:]])  # the worst and the best five
-    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.32 * len(order) + 1)))
-    ax.barh(range(len(order)), acc[order], color=["tab:red" if a < np.median(acc) else "tab:green" for a in acc[order]])
-    ax.set_yticks(range(len(order)), [names[i] for i in order], fontsize=8)
-    ax.set(xlim=(0, 1), xlabel="test accuracy", title=title)
-    ax.grid(axis="x", alpha=0.3)
-    return _save(exp, fig, "report_per_class.png")
+    return _save(exp, per_class_figure(acc, names, title), "report_per_class.png")
 
 
 def plot_confusion(exp: Experiment, cm: np.ndarray, names: list[str], title: str) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     rows = cm / np.clip(cm.sum(1, keepdims=True), 1, None)  # each true class sums to 1: recall on the diagonal
     n = len(cm)
     fig, ax = plt.subplots(figsize=(min(12, 2 + 0.5 * n), min(10, 1.5 + 0.45 * n)))
@@ -400,7 +330,7 @@ def _importance_lines(exp: Experiment, trials: pd.DataFrame, epochs: pd.DataFram
         return md + ["Needs Optuna: `pip install 'cifar-tune[dashboard]'` and run `cifar-tune report` again.", ""]
     fid = importance_epoch(epochs, metric)
     if fid is None:
-        return md + [f"Not computed: fewer than {IMPORTANCE_MIN_TRIALS} trials reached a common epoch.", ""]
+        return md + [f"Not computed: fewer than {plural(IMPORTANCE_MIN_TRIALS, 'trial')} reached a common epoch.", ""]
     epoch, n_at, total = fid
     from cifar_tune.watch.dashboard import stored_space
 
@@ -414,7 +344,7 @@ def _importance_lines(exp: Experiment, trials: pd.DataFrame, epochs: pd.DataFram
         "",
     ]
     for sec in sections:
-        md += [f"### {sec.title} ({sec.trials} trials)", ""]
+        md += [f"### {sec.title} ({plural(sec.trials, 'trial')})", ""]
         if not sec.values:
             md += [sec.note, ""]
             continue
@@ -429,7 +359,7 @@ def _importance_lines(exp: Experiment, trials: pd.DataFrame, epochs: pd.DataFram
 
 def plot_feature_map(exp: Experiment, points: pd.DataFrame) -> str:
     """Scatter of retrain's t-SNE points (``tsne.parquet``), one colour per class, with a legend of names."""
-    plt = _pyplot()
+    plt = pyplot()
     classes = points.drop_duplicates("label").sort_values("label")
     fig, ax = plt.subplots(figsize=(7.5, 6))
     cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
@@ -467,7 +397,7 @@ def _status_line(trials: pd.DataFrame) -> str:
 def _search_table(ranked: pd.DataFrame, metric: str, rank_by: str, k: int = 10) -> list[str]:
     lines = [f"| rank | trial | {rank_by} {metric} | epochs run | status | params | config |", "|---:|---|---:|---:|---|---:|---|"]
     for r in ranked.head(k).to_dict("records"):
-        params = f"{int(r['params']):,}" if not _isna(r.get("params")) else "–"
+        params = f"{int(r['params']):,}" if not isna(r.get("params")) else "–"
         lines.append(f"| {r['rank']} | {r['trial_id']} | {float(r[f'{rank_by}_{metric}']):.4f} | {int(r['epochs_run'])} "
                      f"| {r['status']} | {params} | {summarize_config(json.loads(r['config']))} |")
     return lines
@@ -521,7 +451,7 @@ def build_report(exp: Experiment, out: Printer = print) -> str:
                  "colour: epochs run, since stopped trials had less time to reach their best.")
     md += _image("Optimizers", plot_optimizers(exp, trials, score_col), f"{score_col} per optimizer: box and individual trials.")
     md += _importance_lines(exp, trials, epochs, metric, mode)
-    md += pareto_section(Plots(_pyplot, _save, _image), exp, stored, trials, epochs)  # (several objectives only)
+    md += pareto_section(Plots(pyplot, _save, _image), exp, stored, trials, epochs)  # (several objectives only)
     md += _retrain_section(exp, stored, out)
     text = "\n".join(md)
     exp.write_text("report.md", text)
@@ -544,7 +474,7 @@ def _retrain_section(exp: Experiment, stored: StoredSpec, out: Printer) -> list[
     trial_id, n, per_class, confusion = best
     names = _class_names(exp, stored, len(per_class), retrain)
     order = np.argsort(per_class)
-    md += [f"### Per-class test accuracy of the top config ({trial_id}, mean over {n} seed{'s' if n > 1 else ''})", ""]
+    md += [f"### Per-class test accuracy of the top config ({trial_id}, mean over {plural(n, 'seed')})", ""]
     if len(order) <= 10:  # best 5 and worst 5 would overlap: list every class
         md += ["All classes, best first: " + ", ".join(f"{names[i]} {per_class[i]:.3f}" for i in order[::-1]), ""]
     else:

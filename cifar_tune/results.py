@@ -123,6 +123,10 @@ class Storage:
         if self.exists(rel):
             self.fs.delete_dir(self.path(rel))
 
+    def delete_file(self, rel: str) -> None:
+        if self.exists(rel):
+            self.fs.delete_file(self.path(rel))
+
     def relative(self, fs_path: str) -> str | None:
         """A path on this storage's filesystem (as Ray Tune reports it) relative to the root, if inside."""
         base = os.path.normpath(self.base) if self.local else self.base.rstrip("/")
@@ -206,6 +210,9 @@ class Experiment:
 
     def delete_dir(self, rel: str) -> None:
         self.storage.delete_dir(f"{self.rel}/{rel}")
+
+    def delete_file(self, rel: str) -> None:
+        self.storage.delete_file(f"{self.rel}/{rel}")
 
     def list_dirs(self, rel: str) -> list[str]:
         return [name for name, _ in self.storage.list_dirs(f"{self.rel}/{rel}")]

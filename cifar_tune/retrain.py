@@ -31,11 +31,13 @@ import pyarrow.parquet as pq
 import torch
 
 from cifar_tune.engine import data as data_mod
+from cifar_tune.engine.features import TSNE_TABLE
 from cifar_tune.errors import UserError
 from cifar_tune.pareto import pareto_rule, select_pareto
 from cifar_tune.results import Experiment
 from cifar_tune.spec.schema import DataSpec
 from cifar_tune.spec.stored import StoredSpec, data_spec_from_dict, load_stored_spec
+from cifar_tune.text import plural, summarize_config
 from cifar_tune.tuning.trial import CHECKPOINT_FILE, CHECKPOINT_FORMAT
 from cifar_tune.watch import tracking
 
@@ -283,34 +285,6 @@ def _missing(v: Any) -> bool:
 # ------------------------------------------------------------------------------------- leaderboard
 
 
-def summarize_config(config: dict[str, Any]) -> str:
-    """``mlp hidden=[64] · adam lr=0.00403 · cosine · hflip · batch_size=64``: one line per config."""
-    parts = []
-    for section, value in config.items():
-        if not isinstance(value, dict):
-            parts.append(f"{section}={_short(value)}")
-            continue
-        head = value.get("family", value.get("name"))
-        if section == "augment":  # augmentations are named by their keys; `true` needs no value
-            rest = [k if v is True else f"{k}={_short(v)}" for k, v in value.items() if v not in (False, None)]
-        else:
-            rest = [f"{k}={_short(v)}" for k, v in value.items() if k not in ("family", "name")]
-        text = " ".join(([str(head)] if head is not None else []) + rest)
-        if text:
-            parts.append(text)
-    return " · ".join(parts)
-
-
-def _short(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    if isinstance(v, dict):
-        return "{" + ",".join(f"{k}:{_short(x)}" for k, x in v.items()) + "}"
-    if isinstance(v, list):
-        return "[" + ",".join(_short(x) for x in v) + "]"
-    return str(v)
-
-
 def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     """Per config: mean and sample std (ddof=1) of the test metrics over its completed seeds."""
     ok = df[df["status"] == "completed"]
@@ -338,14 +312,31 @@ def _fmt(v: Any, spec: str = ".4f") -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
+def num_classes_of(df: pd.DataFrame) -> int | None:
+    """Classes of the test split, from a completed run's per-class accuracies (None if none completed)."""
+    for v in df.get("per_class_acc", pd.Series(dtype=object)):
+        if v is not None and not (isinstance(v, float) and math.isnan(v)):
+            return len(json.loads(v) if isinstance(v, str) else v)
+    return None
+
+
+def shows_top5(num_classes: int | None) -> bool:
+    """Top-5 accuracy says something only with more than 5 classes (with 5 or fewer it is always 1)."""
+    return num_classes is None or num_classes > 5
+
+
 def leaderboard_markdown(df: pd.DataFrame, *, experiment: str, metric: str, rule: str, epochs: int) -> str:
     board = leaderboard(df)
     metric_cols = [c for c in df.columns if c.startswith("search_best_")]
+    several_seeds = bool((board["seeds"] > 1).any()) if len(board) else False
+    top5 = shows_top5(num_classes_of(df))
+    acc_head = "test acc (mean ± std)" if several_seeds else "test acc"
     lines = [
         f"# Retrain leaderboard: {experiment}",
         "",
-        f"Each config was refit on train+val for {epochs} epochs per seed and evaluated once on the test split.",
-        "Test accuracy is the mean ± sample standard deviation over seeds (– with a single seed).",
+        f"Each config was refit on train+val for {plural(epochs, 'epoch')} per seed and evaluated once on the test split.",
+        "Test accuracy is the mean ± sample standard deviation over seeds (– with a single seed)." if several_seeds
+        else "Each config was refit with one seed: the test accuracy is that run's (no spread over seeds to show).",
         "",
         f"**Ranking rule** (which search trials were retrained, by rank): {rule}.",
         "",
@@ -353,12 +344,15 @@ def leaderboard_markdown(df: pd.DataFrame, *, experiment: str, metric: str, rule
     costs = "pareto_rank" in df and df["pareto_rank"].notna().any()  # retrained from a Pareto front
     extra = " MACs | latency (ms) | Pareto rank |" if costs else ""
     lines += [
-        f"| rank | trial | test acc (mean ± std) | seeds | test top-5 | test loss | params |{extra} train time (s) | search {metric} | config |",
-        "|---:|---|---|---:|---:|---:|---:|" + ("---:|---:|---:|" if costs else "") + "---:|---:|---|",
+        f"| rank | trial | {acc_head} | seeds |" + (" test top-5 |" if top5 else "")
+        + f" test loss | params |{extra} train time (s) | search {metric} | config |",
+        "|---:|---|---|---:|" + ("---:|" if top5 else "") + "---:|---:|" + ("---:|---:|---:|" if costs else "") + "---:|---:|---|",
     ]
     for b in board.to_dict("records"):
         search_metric = df.loc[df["trial_id"] == b["trial_id"], metric_cols[0]].iloc[0] if metric_cols else None
-        acc = _fmt(b["test_acc_mean"]) + (f" ± {_fmt(b['test_acc_std'])}" if not math.isnan(b["test_acc_std"]) else "")
+        acc = _fmt(b["test_acc_mean"])
+        if several_seeds:
+            acc += f" ± {_fmt(b['test_acc_std'])}" if not math.isnan(b["test_acc_std"]) else " (1 seed)"
         seeds = f"{b['seeds_ok']}/{b['seeds']}" if b["seeds_ok"] != b["seeds"] else str(b["seeds"])
         params = f"{int(b['params']):,}" if _num(b["params"]) is not None else "–"
         cost_cells = ""
@@ -367,8 +361,9 @@ def leaderboard_markdown(df: pd.DataFrame, *, experiment: str, metric: str, rule
             rank = str(int(b["pareto_rank"])) if _num(b["pareto_rank"]) is not None else "–"
             cost_cells = f" {macs} | {_fmt(_num(b['latency_ms']), '.2f')} | {rank} |"
         lines.append(
-            f"| {b['rank']} | {b['trial_id']} | {acc} | {seeds} | {_fmt(b['test_top5_mean'])} | {_fmt(b['test_loss_mean'])} "
-            f"| {params} |{cost_cells} {_fmt(b['train_time_s_mean'], '.1f')} | {_fmt(_num(search_metric))} | {summarize_config(json.loads(b['config']))} |"
+            f"| {b['rank']} | {b['trial_id']} | {acc} | {seeds} |" + (f" {_fmt(b['test_top5_mean'])} |" if top5 else "")
+            + f" {_fmt(b['test_loss_mean'])} | {params} |{cost_cells} {_fmt(b['train_time_s_mean'], '.1f')} | {_fmt(_num(search_metric))} "
+            f"| {summarize_config(json.loads(b['config']))} |"
         )
     failed = df[df["status"] != "completed"]
     if len(failed):
@@ -406,10 +401,12 @@ def run_retrain(
     num_cpus: int | None = None,
     dashboard: bool = False,
     pareto: bool = False,
+    tsne: bool = True,
     out: Printer = print,
 ) -> pd.DataFrame:
     """Refit the top configs of ``exp`` and test them; returns the retrain.parquet table. ``pareto``: the
-    trials on the search's Pareto front instead (with ``top``: the first ``top`` by rank, then crowding)."""
+    trials on the search's Pareto front instead (with ``top``: the first ``top`` by rank, then crowding).
+    ``tsne``: also compute the rank-1 model's t-SNE feature map (``tsne.parquet``; seconds to minutes on a CPU)."""
     stored = load_stored_spec(exp)
     metric, mode = stored.search.metric, stored.search.resolved_mode
     if pareto:
@@ -432,14 +429,14 @@ def run_retrain(
     for t in chosen.to_dict("records"):
         col = f"best_{metric}" if pareto else f"{rank_by}_{metric}"
         out(f"  {t['rank']:>2}. {t['trial_id']}  {col} {float(t[col]):.4f}  "
-            f"{t['status']} after {int(t['epochs_run'])} epochs  {summarize_config(json.loads(t['config']))}")
+            f"{t['status']} after {plural(int(t['epochs_run']), 'epoch')}  {summarize_config(json.loads(t['config']))}")
     return _refit(exp, stored, chosen, epochs=epochs, seeds=seeds, rank_by=rank_by, rule=rule,
-                  address=address, num_cpus=num_cpus, out=out, dashboard=dashboard)
+                  address=address, num_cpus=num_cpus, out=out, dashboard=dashboard, tsne=tsne)
 
 
 def _refit(
     exp: Experiment, stored: StoredSpec, chosen: pd.DataFrame, *, epochs: int, seeds: int, rank_by: str, rule: str,
-    address: str | None, num_cpus: int | None, out: Printer, dashboard: bool = False,
+    address: str | None, num_cpus: int | None, out: Printer, dashboard: bool = False, tsne: bool = True,
 ) -> pd.DataFrame:
     from cifar_tune.tuning import cluster as cluster_mod
     from cifar_tune.tuning import tasks, tuner
@@ -468,14 +465,20 @@ def _refit(
              "threads": max(1, int(res["cpu"]))}
             for t in trials for s in range(seeds)
         ]
-        out(f"retraining {len(trials)} configs x {seeds} seeds = {len(calls)} runs of {epochs} epochs on train+val "
-            f"({res['cpu']:g} CPU" + (f", {res['gpu']:g} GPU" if res["gpu"] else "") + f" each, {cluster.cpus:g} CPUs in the cluster)")
+        out(f"retraining {plural(len(trials), 'config')} x {plural(seeds, 'seed')} = {plural(len(calls), 'run')} of "
+            f"{plural(epochs, 'epoch')} on train+val "
+            f"({plural(res['cpu'], 'CPU')}" + (f", {plural(res['gpu'], 'GPU')}" if res["gpu"] else "")
+            + f" each, {plural(cluster.cpus, 'CPU')} in the cluster)")
         top: list[tuple[dict[str, Any], dict[str, Any]]] = []  # the rank-1 config's first completed run
         rows = _collect(exp, stored, trials, calls, res, epochs=epochs, rank_by=rank_by, out=out, top=top)
     finally:
         if cluster.started_here:
             cluster_mod.shutdown()
-    if top:  # t-SNE of the top model's penultimate features on the test split read above (cifar_tune.engine.features)
+    if not tsne:
+        if exp.has(TSNE_TABLE):  # a map of an earlier retrain would show a model this run did not produce
+            exp.delete_file(TSNE_TABLE)
+        out("t-SNE feature map: skipped (--no-tsne)")
+    elif top:  # t-SNE of the top model's penultimate features on the test split read above (cifar_tune.engine.features)
         from cifar_tune.engine.features import write_feature_map
 
         (result, config), = top
@@ -511,8 +514,11 @@ def _collect(
                 top[:] = [(result, calls[i]["config"])]
         rows.append(_row(result, trial, epochs=epochs, metric=stored.search.metric, rank_by=rank_by, checkpoint=ckpt))
         write_retrain_table(exp, retrain_frame(rows, stored.search.metric))
-        detail = (f"test_acc {result['test_acc']:.4f}  top5 {result['test_top5']:.4f}  loss {result['test_loss']:.4f}"
-                  if result["status"] == "completed" else (result.get("error") or ""))
+        if result["status"] == "completed":
+            top5 = f"  top5 {result['test_top5']:.4f}" if shows_top5(len(result["per_class_acc"])) else ""
+            detail = f"test_acc {result['test_acc']:.4f}{top5}  loss {result['test_loss']:.4f}"
+        else:
+            detail = result.get("error") or ""
         out(f"  [{len(rows)}/{len(calls)} {time.monotonic() - t0:5.0f}s] {result['trial_id']} seed {result['seed']}: "
             f"{result['status']}  {detail}  ({result.get('train_time_s') or 0.0:.1f}s training)")
     return rows
@@ -580,11 +586,12 @@ def run_evaluate(path: str, data_values: list[str] | None, split: str, out: Prin
     base = data_spec_from_dict(ckpt["data"], path)
     targets = [override_data(base, v) for v in data_values] if data_values else [base]
     what = "search trial, after" if "trainer" in ckpt else f"seed {ckpt['seed']},"
-    out(f"{path}: {ckpt['trial_id']} {what} {ckpt['epochs']} epochs, {summarize_config(ckpt['config'])}")
+    out(f"{path}: {ckpt['trial_id']} {what} {plural(ckpt['epochs'], 'epoch')}, {summarize_config(ckpt['config'])}")
     results = []
     for data in targets:
         r = evaluate_checkpoint(ckpt, data, split, path, device)
         name = data.path if data.dataset == "npz" else data.dataset
-        out(f"  {name} {split} ({r.num_images:,} images): top-1 {r.top1:.4f}  top-5 {r.top5:.4f}  loss {r.loss:.4f}")
+        top5 = f"  top-5 {r.top5:.4f}" if shows_top5(ckpt["num_classes"]) else ""
+        out(f"  {name} {split} ({r.num_images:,} images): top-1 {r.top1:.4f}{top5}  loss {r.loss:.4f}")
         results.append(r)
     return results

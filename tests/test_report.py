@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -11,10 +12,12 @@ import pytest
 import yaml
 
 from cifar_tune.cli import main
+from cifar_tune.plots import hyperparameter_figure, hyperparameter_panels, per_class_figure, tick_label
 from cifar_tune.report import build_report, is_log_scale, survival_counts, varying_config_columns
-from cifar_tune.results import Experiment, TrialLog
+from cifar_tune.results import Experiment, TrialLog, flatten
 from cifar_tune.retrain import leaderboard_markdown, ranking_rule, retrain_frame, write_retrain_table
 from cifar_tune.spec.parse import load_spec
+from cifar_tune.text import plural
 
 SMOKE = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -230,3 +233,120 @@ def test_report_has_an_importance_section(tmp_path: Path) -> None:
     epoch, _, total = importance_epoch(exp.read_table("epochs.parquet"), "val_acc")
     assert f"of val_acc at epoch {epoch}: the last epoch that at least half of the {total} trials" in text
     assert "| `optimizer` |" in text  # the only parameter every trial of the hand-made search has that varies
+
+
+# ------------------------------------------------------------------------------------ readable figures
+
+
+def _drawn_ticks(axis: Any) -> list[Any]:
+    """Tick labels matplotlib draws: those inside the view (it also keeps labels for ticks beyond it)."""
+    lo, hi = sorted(axis.get_view_interval())
+    return [t for t, loc in zip(axis.get_ticklabels(), axis.get_ticklocs(), strict=True) if lo <= loc <= hi]
+
+
+def _texts_overlap(fig: Any) -> list[tuple[str, str]]:
+    """Pairs of visible texts (tick labels, titles, axis labels) whose drawn boxes intersect, where the
+    two belong to different axes or are neighbouring tick labels of one axis."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = []
+    for ax in fig.axes:
+        texts = [(t, "xtick") for t in _drawn_ticks(ax.xaxis)] + [(t, "ytick") for t in _drawn_ticks(ax.yaxis)]
+        texts += [(ax.title, "title"), (ax.xaxis.label, "label"), (ax.yaxis.label, "label")]
+        for t, kind in texts:
+            if t.get_visible() and t.get_text():
+                boxes.append((ax, kind, t.get_text(), t.get_window_extent(renderer)))
+    clashes = []
+    for i, (ax1, k1, s1, b1) in enumerate(boxes):
+        for ax2, k2, s2, b2 in boxes[i + 1:]:
+            if (ax1 is not ax2 or (k1 == k2 and k1.endswith("tick"))) and b1.overlaps(b2):
+                clashes.append((s1, s2))
+    return clashes
+
+
+def _vgg_trials(n: int = 18) -> pd.DataFrame:
+    """A searched VGG (list-valued blocks and head) with SGD vs AdamW: lr in both, momentum only in SGD."""
+    rows = []
+    for i in range(n):
+        sgd = i % 2 == 0
+        opt = {"name": "sgd", "lr": 0.01 * (1 + i), "momentum": 0.8 + 0.01 * i} if sgd else \
+            {"name": "adamw", "lr": 1e-4 * (1 + i), "weight_decay": 0.01}
+        cfg = {"model": {"family": "vgg", "blocks": [{"channels": [16 * (1 + i % 3)]}, {"channels": [32, 32 * (1 + i % 2)]}],
+                         "head": [64 * (1 + i % 2)]}, "optimizer": opt}
+        rows.append({"trial_id": f"t{i:04d}", "best_val_acc": 0.5 + 0.01 * i, "epochs_run": 1 + i % 3,
+                     "config": json.dumps(cfg), **flatten(cfg)})
+    df = pd.DataFrame(rows)
+    for col in df.columns:  # as results writes them: list values of a config column as JSON text
+        if df[col].map(lambda v: isinstance(v, list)).any():
+            df[col] = df[col].map(json.dumps)
+    return df
+
+
+def test_hyperparameter_panels_split_an_optimizers_own_knobs_by_branch() -> None:
+    trials = _vgg_trials()
+    titles = [p.title for p in hyperparameter_panels(trials, varying_config_columns(trials))]
+    # lr is searched in both branches (over different ranges): one panel each; momentum only varies in
+    # SGD; weight_decay is a constant of AdamW's branch (no panel)
+    assert "optimizer sgd: lr" in titles and "optimizer adamw: lr" in titles and "optimizer sgd: momentum" in titles
+    assert not any("weight_decay" in t for t in titles) and "optimizer.lr" not in titles
+    assert "model.blocks" in titles and "model.head" in titles  # one model family: no split
+
+
+def test_hyperparameter_figure_has_short_tick_labels_and_no_overlaps() -> None:
+    trials = _vgg_trials()
+    fig = hyperparameter_figure(trials, varying_config_columns(trials), "best_val_acc")
+    by_title = {ax.get_title(): ax for ax in fig.axes}
+    blocks = [t.get_text() for t in by_title["model.blocks"].get_xticklabels()]
+    assert blocks == ["[16,[32,32]]", "[16,[32,64]]", "[32,[32,32]]", "[32,[32,64]]", "[48,[32,32]]", "[48,[32,64]]"]
+    assert [t.get_text() for t in by_title["model.head"].get_xticklabels()] == ["64", "128"]
+    sgd_lr = by_title["optimizer sgd: lr"].collections[0].get_offsets()
+    assert len(sgd_lr) == 9  # only the SGD trials
+    assert _texts_overlap(fig) == []
+
+
+def test_tick_label_is_compact() -> None:
+    assert tick_label('[{"channels": [64, 64]}, {"channels": [128]}]') == "[[64,64],128]"
+    assert tick_label('[{"channels": [64, 64]}, {"channels": [128, 128]}]') == "[[64,64],[128…"  # 14 characters
+    assert tick_label("adam") == "adam" and tick_label(True) == "true"
+
+
+def test_per_class_figure_explains_its_marks() -> None:
+    acc = np.array([0.9, 0.5, 0.7, 0.3])
+    fig = per_class_figure(acc, ["a", "b", "c", "d"], "t0000")
+    ax = fig.axes[0]
+    assert {tuple(p.get_facecolor()) for p in ax.patches} == {tuple(ax.patches[0].get_facecolor())}  # one colour
+    legend = ax.get_legend()
+    assert legend is not None and [t.get_text() for t in legend.get_texts()] == ["mean over all classes 0.600"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["d", "b", "c", "a"]  # worst at the bottom
+
+
+def _board_rows(seeds: int, classes: int) -> pd.DataFrame:
+    rows = []
+    for rank, tid in ((1, "t0003"), (2, "t0000")):
+        for seed in range(seeds):
+            rows.append({"trial_id": tid, "rank": rank, "seed": seed, "epochs": 5, "epochs_run": 5, "params": 1000,
+                         "test_acc": 0.7 - 0.1 * rank + 0.01 * seed, "test_top5": 0.95, "test_loss": 0.5,
+                         "per_class_acc": [0.5] * classes, "train_time_s": 1.0, "status": "completed",
+                         "config": json.dumps(_config(int(tid[1:]))), "search_best_val_acc": 0.5})
+    return retrain_frame(rows, "val_acc")
+
+
+@pytest.mark.parametrize(("seeds", "classes"), [(1, 4), (1, 10), (2, 4), (2, 100)])
+def test_leaderboard_shows_spread_only_over_seeds_and_top5_only_above_5_classes(seeds: int, classes: int) -> None:
+    text = leaderboard_markdown(_board_rows(seeds, classes), experiment="x", metric="val_acc",
+                                rule="r", epochs=1)
+    header = next(line for line in text.splitlines() if line.startswith("| rank"))
+    assert ("±" in text) == (seeds > 1)
+    assert ("test acc (mean ± std)" in header) == (seeds > 1)
+    assert ("test top-5" in header) == (classes > 5)
+    assert ("0.9500" in text) == (classes > 5)
+    assert "for 1 epoch per seed" in text
+    row = next(line for line in text.splitlines() if line.startswith("| 1 |"))
+    assert row.count("|") == header.count("|")
+    assert "| mlp hidden=32 · sgd lr=0.04 momentum=0.9 · cosine · hflip · batch_size=64 |" in row  # t0003, compact
+
+
+def test_plural() -> None:
+    assert plural(1, "trial") == "1 trial" and plural(0, "trial") == "0 trials" and plural(2, "seed") == "2 seeds"
+    assert plural(1.0, "CPU") == "1 CPU" and plural(0.5, "GPU") == "0.5 GPUs" and plural(1200, "epoch") == "1,200 epochs"
+    assert plural(2, "child", "children") == "2 children"

@@ -274,3 +274,21 @@ def test_report_after_retrain(retrained: dict[str, Any]) -> None:
                 "report_optimizers.png", "report_per_class.png", "report_confusion.png"):
         assert (retrained["dir"] / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
         assert f"({png})" in text
+
+
+@pytest.mark.ray
+def test_retrain_no_tsne_one_seed_four_classes(retrained: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    """Runs last (it replaces retrain's files): --no-tsne drops the feature map (and the earlier one,
+    which would show a model this run did not train); one seed: no ± in the leaderboard; 4 classes:
+    no top-5 (always 1.0) in the leaderboard or the run lines."""
+    assert (retrained["dir"] / "tsne.parquet").exists()  # the fixture's retrain wrote one
+    capsys.readouterr()
+    assert main(["retrain", str(retrained["dir"]), "--top", "1", "--seeds", "1", "--epochs", "1", "--no-tsne",
+                 "--no-dashboard"]) == 0
+    out = capsys.readouterr().out
+    assert not (retrained["dir"] / "tsne.parquet").exists()
+    assert "t-SNE feature map: skipped (--no-tsne)" in out
+    assert "1 config x 1 seed = 1 run of 1 epoch" in out
+    assert "test_acc " in out and "top5" not in out
+    board = (retrained["dir"] / "leaderboard.md").read_text()
+    assert "±" not in board and "top-5" not in board and "| test acc | seeds | test loss |" in board

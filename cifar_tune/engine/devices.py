@@ -113,7 +113,7 @@ def parse_device(name: str | None) -> torch.device:
         if count == 0:
             raise ValueError(f"--device {name}: torch {torch.__version__} sees no CUDA device")
         if device.index is not None and device.index >= count:
-            raise ValueError(f"--device {name}: only {count} CUDA device(s) visible (cuda:0..cuda:{count - 1})")
+            raise ValueError(f"--device {name}: only {count} CUDA device{'s' if count != 1 else ''} visible (cuda:0..cuda:{count - 1})")
     elif device.type != "cpu":
         raise ValueError(f"--device: '{name}': only cpu and cuda are supported")
     return device

@@ -84,6 +84,23 @@ def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
 
 
 
+class _RayAuthNotice(logging.Filter):
+    """Drops Ray's "token authentication is enabled" warning, which ``ray.init`` logs on every start:
+    the cluster line (``driver.print_cluster``) says it once, with what to do about it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def quiet_ray_auth_warning() -> None:
+    log = logging.getLogger(RAY_AUTH_LOGGER)
+    if not any(isinstance(f, _RayAuthNotice) for f in log.filters):
+        log.addFilter(_RayAuthNotice())
+
+
 def joins_cluster(address: str | None) -> bool:
     """Would :func:`connect` join a running cluster rather than start a local instance?"""
     return bool(address or os.environ.get("RAY_ADDRESS"))
@@ -105,6 +122,7 @@ def connect(address: str | None = None, *, dashboard: bool = True, num_cpus: int
     # a driver started by `ray job submit` finds its cluster in RAY_ADDRESS, as ray.init() would
     address = address or os.environ.get("RAY_ADDRESS") or None
     if not ray.is_initialized():
+        quiet_ray_auth_warning()
         kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
         if address:
             check_reachable(address)

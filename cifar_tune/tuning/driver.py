@@ -14,6 +14,7 @@ import yaml
 from cifar_tune.errors import UserError
 from cifar_tune.results import FINISHED, Experiment, TrialLog, run_metadata, trial_label
 from cifar_tune.spec.schema import Spec
+from cifar_tune.text import plural
 from cifar_tune.tuning.progress import (
     Facts,
     Fanout,
@@ -342,7 +343,7 @@ def search_mps(res: Any, *, joins: bool) -> tuple[bool, str]:
 def gpu_warnings(cluster_gpus: float, gpus_per_trial: float, concurrent: int) -> list[str]:
     """Say so when GPUs in the cluster would sit idle, or when GPU trials will run on the CPU."""
     if cluster_gpus > 0 and gpus_per_trial == 0:
-        return [f"warning: the cluster has {cluster_gpus:g} GPU(s) but search.resources.gpus_per_trial is 0: trials "
+        return [f"warning: the cluster has {plural(cluster_gpus, 'GPU')} but search.resources.gpus_per_trial is 0: trials "
                 f"train on the CPU and the GPUs sit idle (e.g. gpus_per_trial: 0.25 packs 4 trials per GPU)"]
     if cluster_gpus == 0 and gpus_per_trial > 0:
         return [f"warning: search.resources.gpus_per_trial is {gpus_per_trial:g} but the cluster has no GPU: "
@@ -381,8 +382,9 @@ def _trials_dashboard(spec: Spec, exp: Experiment, log: TrialLog, *, serve: bool
 
 def print_cluster(c: Any, out: Printer) -> None:
     where = "local Ray instance" if c.started_here else f"Ray cluster at {c.address}"
-    out(f"{where}: {c.nodes} node(s), {c.cpus:g} CPUs, {c.gpus:g} GPUs")
+    out(f"{where}: {plural(c.nodes, 'node')}, {plural(c.cpus, 'CPU')}, {plural(c.gpus, 'GPU')}")
     if c.dashboard_url:
         out(f"Ray dashboard: {c.dashboard_url}")
-        if c.token_auth:
-            out("  token authentication is on: log in with the token from `ray get-auth-token` (stored in ~/.ray/auth_token)")
+    if c.token_auth:  # said here once, instead of Ray's own warning (cluster.quiet_ray_auth_warning)
+        out("  Ray token authentication is on: " + ("log in to the dashboard with the token from `ray get-auth-token`; "
+            if c.dashboard_url else "") + "nodes joining need ~/.ray/auth_token (RAY_AUTH_MODE=disabled turns it off)")

@@ -10,6 +10,7 @@ from typing import Any
 
 from cifar_tune.results import FINISHED, TrialLog, trial_label
 from cifar_tune.spec.schema import Spec
+from cifar_tune.text import plural, summarize_config
 from cifar_tune.tuning.sources import Printer
 
 # ------------------------------------------------------------------------------------- progress
@@ -65,7 +66,8 @@ class LiveTable:
         m = self.log.metric
         score = r.get(f"best_{m}")
         detail = f"best {m} {score:.4f} at epoch {r.get('best_epoch')}" if score is not None else (r.get("error") or "")
-        self.out(f"  {trial_label(trial_id, json.loads(r['config'])):<28} {r['status']:<9} after {r.get('epochs_run', 0):>3} epochs  {detail}")
+        n = int(r.get("epochs_run") or 0)
+        self.out(f"  {trial_label(trial_id, json.loads(r['config'])):<28} {r['status']:<9} after {n:>3} epoch{'s' if n != 1 else ' '}  {detail}")
 
     def print_table(self) -> None:
         self._last_print = time.monotonic()
@@ -117,7 +119,7 @@ def checkpoint_disk_line(spec: Spec, trials: list[dict[str, Any]], concurrent: i
     if ck.every_epochs == 0 or not trials:
         return None
     avg, end, peak = checkpoint_disk(spec, trials, concurrent)
-    return (f"checkpoints every {ck.every_epochs} epoch(s), keep {ck.resolved_keep(spec.search.scheduler.name)} per running trial: "
+    return (f"checkpoints every {plural(ck.every_epochs, 'epoch')}, keep {ck.resolved_keep(spec.search.scheduler.name)} per running trial: "
             f"~{avg:.1f} MB each, ~{end:.0f} MB on disk at the end (one per trial), up to ~{peak:.0f} MB while running")
 
 
@@ -182,9 +184,8 @@ def leaderboard_lines(log: TrialLog, k: int = 10) -> list[str]:
     )[:k]
     lines = [f"top {len(scored)} by best {m}:", f"  {'rank':<5}{'trial':<10}{m:>9}{'epoch':>7}{'params':>12}  status     config"]
     for i, r in enumerate(scored, 1):
-        cfg = json.loads(r["config"])
         lines.append(
             f"  {i:<5}{r['trial_id']:<10}{r[f'best_{m}']:>9.4f}{r.get('best_epoch') or 0:>7}{int(r.get('params') or 0):>12,}  "
-            f"{r['status']:<10} {json.dumps(cfg, separators=(',', ':'))[:160]}"
+            f"{r['status']:<10} {summarize_config(json.loads(r['config']))}"
         )
     return lines

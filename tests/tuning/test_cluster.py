@@ -59,7 +59,7 @@ def test_search_runs_on_both_nodes_of_a_cluster(cluster: str, tmp_path: Path) ->
         capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_AUTH_MODE": "token"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert ": 2 node(s)" in proc.stdout and "Ray cluster at" in proc.stdout
+    assert ": 2 nodes" in proc.stdout and "Ray cluster at" in proc.stdout
     trials = pd.read_parquet(tmp_path / "smoke" / "trials.parquet")
     print(trials[["trial_id", "status", "node_id"]].to_string())
     assert (trials.status == "completed").all()
