@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,7 @@ def test_the_module_is_imported_by_name_where_its_path_does_not_exist(nets: Path
     """A cluster node without the driver's path: the module shipped with the job (py_modules) is on
     sys.path and found by its name."""
     monkeypatch.syspath_prepend(str(nets))
+    monkeypatch.delitem(sys.modules, "my_nets", raising=False)  # another test may have imported the shipped example's
     cfg = {"family": "python", "factory": "/no/such/dir/my_nets.py:CNN7", "width": 4}
     assert param_count(cfg, num_classes=4, in_channels=3, image_size=16) == 132
     assert usermodels.factory_files({"choice": [cfg, {"family": "python", "factory": f"{nets / 'my_nets.py'}:CNN7"}]}) == \
