@@ -171,6 +171,10 @@ def load(data: DataSpec, train: bool) -> _Arrays:
 
 
 def cache_key(data: DataSpec) -> Hashable:
+    if not (folder(data) / "train").is_dir():
+        # a Ray node without the folder: its arrays come from the driver (install_training_arrays) under
+        # this key; anything else reading it here fails in load, naming the folder
+        return (NAME, str(folder(data)), None)
     return (NAME, str(folder(data)), fingerprint(data))  # a changed folder is read again
 
 

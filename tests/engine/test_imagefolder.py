@@ -160,3 +160,17 @@ def test_the_shipped_example_runs_on_the_generated_folder(tmp_path: Path) -> Non
     info = data.dataset_info(spec.data)
     assert (info.classes, info.channels, info.image_size) == (("disc", "hbars", "square", "vbars"), 3, 32)
     assert len(data.load_test(spec.data)) == 8
+
+
+def test_a_node_without_the_folder_uses_the_arrays_from_the_driver(tmp_path: Path) -> None:
+    """On a Ray cluster the driver decodes the folder and ships the arrays; a worker node need not have it."""
+    root = write_folder(tmp_path / "imgs", {"a": 2, "b": 2})
+    arrays = data.training_arrays(spec_for(root))
+    elsewhere = spec_for(tmp_path / "not_on_this_node")
+    data.clear_cache()
+    data.install_training_arrays(elsewhere, arrays)
+    assert data.training_arrays(elsewhere) is arrays
+    assert data.dataset_info(elsewhere).num_classes == 2
+    data.clear_cache()
+    with pytest.raises(data.DataError, match="not_on_this_node: no train/ folder"):
+        data.training_arrays(elsewhere)
