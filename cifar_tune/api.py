@@ -331,14 +331,15 @@ class Experiment:
 
     def retrain(self, top: int | None = None, *, epochs: int | None = None, seeds: int | None = None,
                 rank_by: str | None = None, address: str | None = None, num_cpus: int | None = None,
-                dashboard: bool = False, pareto: bool = False, out: Printer = print) -> pd.DataFrame:
+                dashboard: bool = False, pareto: bool = False, tsne: bool = True,
+                out: Printer = print) -> pd.DataFrame:
         """``cifar-tune retrain``: refit the top configs on train+val, test them; the retrain table.
         ``pareto``: refit the trials on the Pareto front of ``search.objectives`` instead (``top`` then
-        takes the first K by rank, then crowding)."""
+        takes the first K by rank, then crowding). ``tsne=False`` skips the rank-1 model's t-SNE feature map."""
         from cifar_tune.retrain import run_retrain
 
         return run_retrain(self.record, top=top, epochs=epochs, seeds=seeds, rank_by=rank_by, address=address,
-                           num_cpus=num_cpus, dashboard=dashboard, pareto=pareto, out=out)
+                           num_cpus=num_cpus, dashboard=dashboard, pareto=pareto, tsne=tsne, out=out)
 
     def report(self, out: Printer = print) -> str:
         """``cifar-tune report``: write report.md and its plots; returns report.md's path."""

@@ -140,7 +140,7 @@ def fake_cifar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Call
 
 
 def assert_summaries_derived(trials: pd.DataFrame, epochs: pd.DataFrame) -> None:
-    """Every per-trial summary is a function of that trial's epoch rows (results.summarise_epochs)."""
+    """Every per-trial summary is a function of that trial's epoch rows (summaries.summarise_epochs)."""
     assert epochs.epoch.notna().all(), "an epoch row without an epoch"
     for row in trials.itertuples():
         ep = epochs[epochs.trial_id == row.trial_id].sort_values("epoch")
