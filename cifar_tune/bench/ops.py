@@ -26,7 +26,7 @@ from cifar_tune.engine.data import Split
 from cifar_tune.engine.models import build_model
 from cifar_tune.engine.train import Trainer
 
-# -------------------------------------------------------------------------------------------- report
+# ----------------------------------------------------------- targets, ops per step, compile vs eager
 
 
 def _target_checks(model: str, ratios: dict[str, float], search: dict[str, Any] | None) -> list[dict[str, Any]]:

@@ -226,7 +226,7 @@ def project_workflow(per_trial_rate: dict[int, float], *, num_samples: int = 60,
 
 def run_gpu_benches(args: Any, model_config: Callable[[str], dict[str, Any]], out: Printer = print) -> dict[str, Any]:
     """``--pack`` and ``--workflow`` of ``cifar-tune bench`` (argparse namespace in, report sections out);
-    ``model_config`` resolves ``--pack-model`` (``bench.model_config``, passed in: bench imports this module)."""
+    ``model_config`` resolves ``--pack-model`` (``bench.common.model_config``, passed in by the command line)."""
     import torch
 
     gpu = torch.device(args.device).type == "cuda"

@@ -13,7 +13,7 @@ from ray import tune
 
 from cifar_tune.tuning.cluster import assigned_device, prepare_worker
 
-# ---------------------------------------------------------------------------------------- search
+# --------------------------------------------------------------------------------- the trainable
 
 
 def _read_checkpoint(checkpoint: Any) -> bytes:
