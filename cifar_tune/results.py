@@ -29,7 +29,7 @@ from cifar_tune.errors import UserError
 from cifar_tune.pareto import hypervolume_frame, pareto_columns
 from cifar_tune.spec.fields import check_name
 from cifar_tune.spec.schema import ObjectiveSpec
-from cifar_tune.summaries import summarise_epochs
+from cifar_tune.summaries import is_missing, summarise_epochs
 
 DEFAULT_ROOT = "experiments"
 FINISHED = ("completed", "stopped", "diverged", "error", "oom")
@@ -341,9 +341,9 @@ class TrialLog:
         self._last_change = 0.0  # a throttled flush skipped changes made at this time
         if trials is not None:
             for row in trials.to_dict("records"):
-                self.rows[row["trial_id"]] = {k: (None if _isna(v) else v) for k, v in row.items()}
+                self.rows[row["trial_id"]] = {k: (None if is_missing(v) else v) for k, v in row.items()}
         records = [] if epochs is None else epochs.to_dict("records")
-        self.epochs = [{k: (None if _isna(v) else v) for k, v in r.items()} for r in records]
+        self.epochs = [{k: (None if is_missing(v) else v) for k, v in r.items()} for r in records]
 
     @property
     def epochs(self) -> list[dict[str, Any]]:
@@ -552,17 +552,3 @@ def _checkpoint_epoch(blob: bytes) -> int:
     import torch
 
     return int(torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)["epochs"])
-
-
-def _num(v: Any) -> float | None:
-    """A metric as a float, or None when missing (NaN read back from parquet counts as missing)."""
-    if v is None or _isna(v):
-        return None
-    return float(v)
-
-
-def _isna(v: Any) -> bool:
-    try:
-        return bool(pd.isna(v))
-    except (TypeError, ValueError):
-        return False

@@ -61,12 +61,13 @@ def since_last_exploit(rows: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]
 
 def _num(v: Any) -> float | None:
     """A metric as a float, or None when missing (NaN read back from parquet counts as missing)."""
-    if v is None or _isna(v):
+    if v is None or is_missing(v):
         return None
     return float(v)
 
 
-def _isna(v: Any) -> bool:
+def is_missing(v: Any) -> bool:
+    """None, NaN or NaT (as parquet gives back a missing value); False for anything pandas cannot judge."""
     try:
         return bool(pd.isna(v))
     except (TypeError, ValueError):
