@@ -258,3 +258,11 @@ def _no_ray_left_running(request: pytest.FixtureRequest) -> Iterator[None]:
     if ray is not None and ray.is_initialized():
         ray.shutdown()
         pytest.fail(f"{request.module.__name__} left a Ray instance running", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _test_split_allowed_again() -> Iterator[None]:
+    """A trial run in the pytest process forbids the test split for the rest of that process, as it does in a
+    throwaway Ray worker; a later test (a retrain, an evaluation) must not depend on which tests ran before it."""
+    yield
+    data.allow_test()
