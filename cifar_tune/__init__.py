@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -16,19 +14,6 @@ __all__ = ["__version__", *_API]
 
 if TYPE_CHECKING:
     from cifar_tune.api import Experiment, ProgressPrinter, list_experiments, load_spec, open, search  # noqa: F401
-
-
-class _Package(types.ModuleType):
-    """Keeps ``ct.search`` the API function when a submodule of the same name is imported (the import
-    system would otherwise bind the submodule to the package's attribute)."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _API and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:
